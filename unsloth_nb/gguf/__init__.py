@@ -1,0 +1,1 @@
+"""HF safetensors -> GGUF: the writer (convert), quantizers (quants), type mixes (recipes), llama.cpp (llamacpp)."""
