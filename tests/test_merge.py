@@ -197,3 +197,19 @@ def test_bad_inputs_are_refused_without_touching_anything(llama2_dir, tmp_path) 
     for name in ("o1", "o2", "o3"):
         assert not (tmp_path / name).exists()
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_merge_refused_by_the_planner_on_a_small_disk(llama2_dir, tmp_path) -> None:
+    """A real 20 MB filesystem cannot hold the 37 MB merged model: refused before anything is written."""
+    import subprocess
+
+    adapter = make_adapter(llama2_dir, tmp_path / "adapter")
+    disk = tmp_path / "small"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20M", "tmpfs", str(disk)], check=True)
+    try:
+        with pytest.raises(UserError, match="short"):
+            merge(llama2_dir, adapter, disk / "merged", MergeSettings(progress=False))
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

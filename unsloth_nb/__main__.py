@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("unsloth_nb.merge", "streaming merge of a LoRA adapter into the 16-bit base"),
     "gguf": ("unsloth_nb.gguf.convert", "write GGUF files (f16, bf16, q8_0, K-quants) from an HF folder"),
     "serve": ("unsloth_nb.serve", "start an OpenAI-compatible server (vLLM or llama.cpp)"),
+    "verify": ("unsloth_nb.verify", "check that exported artifacts still behave like the fine-tune"),
     "demo": ("unsloth_nb.demo", "offline end to end on a built-in tiny model"),
 }
 
@@ -64,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["vllm", "llama.cpp"], default=None,
                    help="default: vllm for folders, llama.cpp for GGUF")
     p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+
+    p = sub.add_parser("verify", help=COMMANDS["verify"][1])
+    p.add_argument("model", metavar="MODEL_DIR", help="reference: the base (with --adapter) or a merged folder")
+    p.add_argument("artifacts", metavar="ARTIFACT", nargs="+", help="merged folders and/or .gguf files to check")
+    p.add_argument("--adapter", default=None, help="LoRA adapter applied to MODEL_DIR for the reference")
 
     p = sub.add_parser("demo", help=COMMANDS["demo"][1])
     p.add_argument("--dir", default="unsloth_nb_demo", help="folder the demo writes into")

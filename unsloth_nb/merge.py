@@ -40,6 +40,8 @@ class MergeSettings:
     """Where the B @ A products are computed: "cuda" when a GPU is present, else "cpu"."""
     progress: bool = True
     """Show a tqdm progress bar over tensors."""
+    plan: bool = True
+    """Ask the planner first and refuse before writing when RAM or disk cannot fit (off only to test faults)."""
 
 
 @dataclass
@@ -446,6 +448,10 @@ def merge(base: str | Path, adapter: str | Path, out_dir: str | Path,
     out_dir = Path(out_dir).resolve()
     model = MergedModel(Path(base), Path(adapter), settings.device)
     _check_output(out_dir, [model.base_dir.resolve(), model.adapter.path.resolve()])
+    if settings.plan:
+        from unsloth_nb.plan import make_plan
+
+        make_plan(base, [], adapter=adapter, merged_out=out_dir, device=settings.device).require()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
