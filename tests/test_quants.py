@@ -1,0 +1,171 @@
+"""Quantizers: byte parity with llama.cpp's compiled reference functions, called through ctypes.
+
+The oracle is ``quantize_row_<type>_ref`` from the libggml-base.so that llama-cpp-python ships,
+the same code ``llama-quantize`` runs without an importance matrix.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from pathlib import Path
+
+import gguf
+import llama_cpp
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from unsloth_nb.errors import UserError
+from unsloth_nb.gguf import quants
+
+_C_NAMES = {T.Q2_K: "q2_K", T.Q3_K: "q3_K", T.Q4_K: "q4_K", T.Q5_K: "q5_K", T.Q6_K: "q6_K",
+            T.Q4_0: "q4_0", T.Q4_1: "q4_1", T.Q5_0: "q5_0", T.Q5_1: "q5_1", T.Q8_0: "q8_0"}
+TYPES = list(_C_NAMES)
+
+
+@pytest.fixture(scope="module")
+def ggml() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    for name in _C_NAMES.values():
+        fn = getattr(lib, f"quantize_row_{name}_ref")
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        fn.restype = None
+    return lib
+
+
+def reference(lib: ctypes.CDLL, x: np.ndarray, qtype: T) -> np.ndarray:
+    """llama.cpp's bytes for x (rows, row_len), shaped (rows, row_bytes)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    out = np.empty(x.size // block * size, dtype=np.uint8)
+    getattr(lib, f"quantize_row_{_C_NAMES[qtype]}_ref")(x.ctypes.data, out.ctypes.data, x.size)
+    return out.reshape(x.shape[0], -1)
+
+
+def hard_cases(rng: np.random.Generator) -> np.ndarray:
+    """Rows of 1024 values (4 super-blocks): weights as models have them plus the corner cases."""
+    rows = []
+    for _ in range(24):
+        scale = np.float32(rng.uniform(0.005, 0.1))
+        rows.append(rng.standard_normal(1024).astype(np.float32) * scale)
+    x = np.stack(rows)
+    x = torch.from_numpy(x).bfloat16().float().numpy()  # bf16-rounded, as real checkpoints are
+    special = np.zeros((16, 1024), np.float32)
+    special[0, 7] = 3.0  # a single outlier in a zero block
+    special[1] = rng.standard_normal(1024) * 0.02
+    special[1, rng.integers(0, 1024, 12)] *= 80  # outliers
+    special[2, :256] = 0.5  # constant blocks, positive, negative, mixed with zeros
+    special[2, 256:512] = -0.25
+    special[2, 512:528] = 1.0
+    special[3] = rng.standard_normal(1024) * 1e-30  # tiny
+    special[4] = rng.standard_normal(1024) * 1e30  # huge
+    special[5] = rng.standard_normal(1024) * 1e-42  # subnormal
+    special[6] = np.abs(rng.standard_normal(1024)) * 0.03  # all positive
+    special[7] = -np.abs(rng.standard_normal(1024)) * 0.03  # all negative
+    special[8] = rng.integers(-3, 4, 1024).astype(np.float32) * 0.01  # few distinct values (ties)
+    special[9] = rng.standard_normal(1024) * 60000  # near the fp16 limit
+    special[10, ::2] = 1e-3
+    special[11] = np.linspace(-1, 1, 1024, dtype=np.float32)
+    special[12] = rng.standard_normal(1024) * 1e-18
+    special[13] = rng.standard_normal(1024) * 1e18
+    special[14, 100] = -1e-25
+    special[15] = rng.standard_normal(1024) * 0.02
+    special[15, :256:3] = 0
+    return np.concatenate([x, special])
+
+
+def _rmse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_matches_llama_cpp(ggml: ctypes.CDLL, qtype: T) -> None:
+    x = hard_cases(np.random.default_rng(int(qtype)))
+    theirs = reference(ggml, x, qtype)
+    t0 = time.perf_counter()
+    ours = quants.quantize(x, qtype, "cpu")
+    elapsed = time.perf_counter() - t0
+    assert ours.dtype == np.uint8 and ours.shape == theirs.shape
+    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+    same = (ours.reshape(-1, block_bytes) == theirs.reshape(-1, block_bytes)).all(axis=1)
+    print(f"\n{qtype.name}: {100 * same.mean():.3f}% of {same.size} blocks identical to llama.cpp ({elapsed:.2f} s)")
+    assert same.mean() >= 0.999
+    normal = x[:24]  # round trip on model-like rows: our error is llama.cpp's error
+    ours_err = _rmse(gguf.quants.dequantize(ours[:24], qtype), normal)
+    theirs_err = _rmse(gguf.quants.dequantize(theirs[:24], qtype), normal)
+    assert ours_err <= theirs_err * 1.001
+    assert ours_err < 0.5 * float(np.sqrt(np.mean(normal.astype(np.float64) ** 2)))
+
+
+@pytest.mark.parametrize("qtype", quants.K_QUANTS, ids=lambda q: q.name)
+def test_many_random_blocks(ggml: ctypes.CDLL, qtype: T) -> None:
+    """A larger draw of bf16 weights with outliers, several chunks long."""
+    rng = np.random.default_rng(100 + int(qtype))
+    x = rng.standard_normal((160, 2048)).astype(np.float32) * rng.uniform(0.002, 0.05, (160, 1)).astype(np.float32)
+    x[rng.random(x.shape) < 1e-3] *= 30
+    x = torch.from_numpy(x).bfloat16().float().numpy()
+    ours = quants.quantize(torch.from_numpy(x).bfloat16(), qtype, "cpu")  # a bf16 tensor goes in as is
+    theirs = reference(ggml, x, qtype)
+    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+    same = (ours.reshape(-1, block_bytes) == theirs.reshape(-1, block_bytes)).all(axis=1)
+    print(f"\n{qtype.name}: {100 * same.mean():.3f}% of {same.size} random blocks identical")
+    assert same.mean() >= 0.999
+
+
+def test_layout_and_shapes_follow_gguf_py() -> None:
+    x = np.random.default_rng(0).standard_normal((2, 3, 512)).astype(np.float32)
+    for qtype in (T.Q8_0, T.Q4_0, T.Q5_1, T.F16, T.BF16, T.F32):
+        expected = gguf.quants.quantize(x, qtype)
+        got = quants.quantize(x, qtype)
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        assert np.array_equal(got, expected)
+    for qtype in quants.K_QUANTS:
+        got = quants.quantize(x, qtype, "cpu")
+        assert got.shape == (2, 3, 2 * gguf.GGML_QUANT_SIZES[qtype][1])
+        assert got.shape == gguf.quants.quant_shape_to_byte_shape(x.shape, qtype)
+        back = gguf.quants.dequantize(got, qtype)
+        assert back.shape == x.shape and np.isfinite(back).all()
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q8_0, T.F16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_is_a_user_error(qtype: T, bad: float) -> None:
+    x = np.zeros((4, 256), np.float32)
+    x[2, 17] = bad
+    with pytest.raises(UserError, match="NaN or infinite"):
+        quants.quantize(x, qtype, "cpu")
+
+
+def test_row_length_must_fit_the_block() -> None:
+    with pytest.raises(UserError, match="blocks hold 256"):
+        quants.quantize(np.zeros((2, 288), np.float32), T.Q4_K, "cpu")
+    with pytest.raises(UserError, match="not supported"):
+        quants.quantize(np.zeros((2, 256), np.float32), T.IQ2_XS, "cpu")
+
+
+def test_speed_against_c(ggml: ctypes.CDLL) -> None:
+    """Print-only: throughput of our CPU Q4_K/Q6_K against the C reference (one thread) on one tensor."""
+    x = torch.randn(256, 8192).mul_(0.02).bfloat16().float().numpy()
+    for qtype in (T.Q4_K, T.Q6_K):
+        t0 = time.perf_counter()
+        reference(ggml, x, qtype)
+        c_time = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        quants.quantize(x, qtype, "cpu")
+        ours = time.perf_counter() - t0
+        print(f"\n{qtype.name} 256x8192: C reference {c_time:.2f} s, unsloth_nb cpu {ours:.2f} s "
+              f"(torch threads {torch.get_num_threads()})")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu(ggml: ctypes.CDLL) -> None:
+    x = hard_cases(np.random.default_rng(7))
+    for qtype in quants.K_QUANTS:
+        on_gpu = quants.quantize(x, qtype, "cuda")
+        theirs = reference(ggml, x, qtype)
+        block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+        same = (on_gpu.reshape(-1, block_bytes) == theirs.reshape(-1, block_bytes)).all(axis=1)
+        print(f"\ncuda {qtype.name}: {100 * same.mean():.3f}% of {same.size} blocks identical to llama.cpp")
+        assert same.mean() >= 0.999

@@ -1,0 +1,441 @@
+"""Tensor quantizers that write the same bytes as llama.cpp's reference (no imatrix) quantizer.
+
+gguf-py can quantize the float types, Q8_0 and the legacy 32-element types, but not the K-quants.
+Here Q2_K, Q3_K, Q4_K, Q5_K and Q6_K are vectorised torch code (same code on CPU and CUDA) that
+follows ``ggml-quants.c`` step by step: every reduction C does as a sequential float32 loop is a
+sequential loop over the few elements of a sub-block here, vectorised across all sub-blocks, so
+rounding happens in the same order and the bytes match. A tensor is processed in chunks of rows so
+memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import quants as gguf_quants
+from gguf.constants import GGML_QUANT_SIZES
+
+from unsloth_nb.errors import UserError
+
+QK_K = 256
+_GROUP_MAX_EPS = 1e-15
+_CHUNK_BLOCKS = {"cpu": 1024, "cuda": 65536}
+"""Super-blocks of 256 values quantized at once (bounds the temporary memory)."""
+_ROW_CHUNK_ELEMS = 1 << 22
+"""Values handed to gguf-py at once for the types it quantizes."""
+
+K_QUANTS = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
+"""Types quantized by the torch code in this module."""
+GGUF_PY_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)
+"""Types left to gguf-py, whose numpy code is byte-exact with llama.cpp for them."""
+
+
+def _f32(v: float) -> np.float32:
+    """A C float constant (so scalar maths rounds to float32 exactly as C does)."""
+    return np.float32(v)
+
+
+def _nearest_int(v: torch.Tensor) -> torch.Tensor:
+    """ggml's nearest_int: add 1.5*2^23 in float32 and read the low mantissa bits (round half to even)."""
+    bits = (v + 12582912.0).view(torch.int32)
+    # x86 turns NaN into the default NaN (mantissa 0x400000), so C gets 0; CUDA's canonical NaN
+    # has every mantissa bit set, so NaN is mapped explicitly.
+    return torch.where(torch.isnan(v), 0, (bits & 0x007FFFFF) - 0x00400000)
+
+
+def _fp16_round(v: torch.Tensor) -> torch.Tensor:
+    """Round float32 to fp16 and back (what storing d in a block and reading it again does)."""
+    return v.to(torch.float16).to(torch.float32)
+
+
+def _fp16_bytes(v: torch.Tensor) -> torch.Tensor:
+    """Little-endian fp16 bytes of v, shape (..., 2)."""
+    return v.to(torch.float16).view(torch.uint8).reshape(*v.shape, 2)
+
+
+def _cdiv(num: float, t: torch.Tensor) -> torch.Tensor:
+    """num / t as one IEEE float32 division (``num / t`` in torch multiplies by a reciprocal)."""
+    return torch.full_like(t, num) / t
+
+
+def _divc(t: torch.Tensor, den: float) -> torch.Tensor:
+    """t / den as one IEEE float32 division per element."""
+    return t / torch.full_like(t, den)
+
+
+def _seq_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 0 one element at a time in float32, like C's ``float s = 0; for (...) s += t[i];``.
+
+    Extra dims are independent sums done together (fewer, larger torch calls)."""
+    s = t[0] + 0.0
+    for i in range(1, t.shape[0]):
+        s.add_(t[i])
+    return s
+
+
+def _first_absmax(x: torch.Tensor) -> torch.Tensor:
+    """The element of largest magnitude along dim 0, sign kept, first on ties, NaN skipped, 0 if none (C's scan)."""
+    ax = torch.where(torch.isnan(x), -1.0, x.abs())
+    idx = ax.argmax(dim=0, keepdim=True)
+    return torch.where(ax.gather(0, idx)[0] > 0, x.gather(0, idx)[0], 0.0)
+
+
+def _max_positive(t: torch.Tensor) -> torch.Tensor:
+    """Row maximum of t (B, n) seeded with +0 and skipping NaN, like C's ``m = 0; if (v > m) m = v;``."""
+    return torch.where(t > 0, t, 0.0).amax(dim=1)
+
+
+def _round_clamp(v: torch.Tensor, lo: int, hi: int, exact: bool) -> torch.Tensor:
+    """clamp(nearest_int(v), lo, hi) as float32. The fast form (add and subtract 1.5*2^23) equals
+    nearest_int for |v| <= 2^22; ``exact`` also reproduces C's result for NaN, inf and huge v."""
+    if exact:
+        return _nearest_int(v).clamp_(lo, hi).to(v.dtype)
+    return v.add_(12582912.0).sub_(12582912.0).clamp_(lo, hi)
+
+
+def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
+               use_mad: bool, exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's make_qkx2_quants on columns of x (n, M): returns scale (M,), -min (M,) and L (n, M) float.
+
+    Searches a grid of inverse scales and keeps the weighted least-squares (scale, min) with the
+    lowest weighted error; the best min so far feeds the next trial as in C. L is recomputed once
+    at the end from the winning (iscale, min) instead of being copied at every improvement.
+    """
+    n = x.shape[0]
+    mn = x.amin(dim=0)
+    mx = x.amax(dim=0)
+    sum_w = w[0] + 0.0
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        sum_w = sum_w + w[i]
+        sum_x = sum_x + w[i] * x[i]
+    mn = torch.where(mn > 0, 0.0, mn)
+    flat = mx == mn
+    span = torch.where(flat, 1.0, mx - mn)
+    iscale = _cdiv(float(nmax), span)
+    scale = _cdiv(1.0, iscale)
+    lf = _round_clamp(iscale * (x - mn), 0, nmax, exact)
+    diff = (scale * lf + mn) - x
+    err = diff.abs_() if use_mad else diff.mul_(diff)
+    best_error = _seq_sum(err.mul_(w))
+    best_iscale, best_mn = torch.where(flat, 0.0, iscale), mn
+    for step in range(nstep + 1):
+        factor = _f32(rmin) + _f32(rdelta) * _f32(step) + _f32(nmax)
+        iscale = _cdiv(float(factor), torch.where(flat, 1.0, mx - mn))
+        lf = _round_clamp(iscale * (x - mn), 0, nmax, exact)
+        wl = w * lf
+        sum_l, sum_xl, sum_l2 = _seq_sum(torch.stack([wl, wl * x, wl * lf], dim=1))
+        det = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        positive = this_min > 0
+        this_min = torch.where(positive, 0.0, this_min)
+        this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
+        diff = lf.mul_(this_scale).add_(this_min).sub_(x)
+        err = diff.abs_() if use_mad else diff.mul_(diff)
+        cur_error = _seq_sum(err.mul_(w))
+        better = (det > 0) & (cur_error < best_error) & ~flat
+        best_iscale = torch.where(better, iscale, best_iscale)
+        best_mn = torch.where(better, mn, best_mn)
+        best_error = torch.where(better, cur_error, best_error)
+        scale = torch.where(better, this_scale, scale)
+        mn = torch.where(better, this_min, mn)
+    L = _round_clamp(best_iscale * (x - best_mn), 0, nmax, exact)
+    return torch.where(flat, 0.0, scale), -mn, L
+
+
+def _make_qx(x: torch.Tensor, nmax: int, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's make_qx_quants with rmse_type 1 (weights x^2) on columns of x (n, M): scale (M,), L (n, M)."""
+    mx = _first_absmax(x)
+    tiny = mx.abs() < _GROUP_MAX_EPS
+    safe = torch.where(tiny, 1.0, mx)
+    w = x * x
+    wx = w * x
+
+    def trial(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lf = _round_clamp(iscale * x, -nmax, nmax - 1, exact)
+        sums = _seq_sum(torch.stack([wx * lf, (lf * w).mul_(lf)], dim=1))
+        return sums[0], sums[1]
+
+    best_iscale = _cdiv(float(-nmax), safe)
+    sumlx, suml2 = trial(best_iscale)
+    scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, 1.0), 0.0)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = _cdiv(float(-(_f32(nmax) + _f32(0.1) * _f32(step))), safe)
+        sumlx, suml2 = trial(iscale)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        best_iscale = torch.where(better, iscale, best_iscale)
+        scale = torch.where(better, sumlx / suml2, scale)
+        best = torch.where(better, scale * sumlx, best)
+    L = _round_clamp(best_iscale * x, -nmax, nmax - 1, exact).add_(nmax)
+    L = torch.where(tiny, 0.0, L)
+    return torch.where(tiny, 0.0, scale), L
+
+
+def _make_q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's make_q3_quants with do_rmse on columns of x (n, M): x^2-weighted fit, then up to 5 passes
+    of per-element coordinate descent (run all 5: a pass that changes nothing leaves the state as is)."""
+    n = x.shape[0]
+    mx = _first_absmax(x)
+    tiny = mx.abs() < _GROUP_MAX_EPS
+    safe = torch.where(tiny, torch.ones_like(mx), mx)
+    iscale = _cdiv(float(-nmax), safe)
+    L = _nearest_int(iscale * x).clamp_(-nmax, nmax - 1)
+    w = x * x
+    wx = w * x
+    lf = L.to(x.dtype)
+    sumlx = _seq_sum(wx * lf)
+    suml2 = _seq_sum(w * lf * lf)
+    rows = list(L.unbind(0))
+    for _ in range(5):
+        for i in range(n):
+            li = rows[i].to(x.dtype)
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - w[i] * li * li
+            new_l = _nearest_int(x[i] * sl2 / slx).clamp_(-nmax, nmax - 1)
+            nf = new_l.to(x.dtype)
+            slx_new = slx + wx[i] * nf
+            sl2_new = sl2 + w[i] * nf * nf
+            accept = ((slx > 0) & (new_l != rows[i]) & (sl2_new > 0)
+                      & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new))
+            rows[i] = torch.where(accept, new_l, rows[i])
+            sumlx = torch.where(accept, slx_new, sumlx)
+            suml2 = torch.where(accept, sl2_new, suml2)
+    L = torch.stack(rows)
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, 1.0), torch.zeros_like(sumlx))
+    L = torch.where(tiny, torch.zeros_like(L), L + nmax)
+    return torch.where(tiny, torch.zeros_like(scale), scale), L
+
+
+def _to_columns(blocks: torch.Tensor, sub: int) -> torch.Tensor:
+    """(B, 256) super-blocks -> (sub, B * 256 / sub): one column per sub-block, elements down dim 0."""
+    return blocks.reshape(-1, sub).T.contiguous()
+
+
+def _from_columns(cols: torch.Tensor, nblocks: int) -> torch.Tensor:
+    """Inverse of _to_columns: (sub, M) -> (B, 256)."""
+    return cols.T.reshape(nblocks, QK_K)
+
+
+def _pack_6bit_scales(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """The 12-byte Q4_K/Q5_K scale field from 8 six-bit scales and 8 six-bit mins per block (B, 8)."""
+    lo = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    mid = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    hi = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+    return torch.cat([lo, mid, hi], dim=1).to(torch.uint8)
+
+
+def _requant_affine(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dm: torch.Tensor, nmax: int) -> torch.Tensor:
+    """Final pass of Q2_K/Q4_K/Q5_K: L = clamp(rint((x + dm) / d)), keeping the search's L where d == 0."""
+    zero = d == 0
+    q = _nearest_int((x + dm) / torch.where(zero, torch.ones_like(d), d)).clamp_(0, nmax)
+    return torch.where(zero, L.to(q.dtype), q)
+
+
+def _q4_q5_k(blocks: torch.Tensor, nmax: int, rmin: float, nstep: int, exact: bool) -> tuple[torch.Tensor, ...]:
+    """Shared part of Q4_K (nmax 15) and Q5_K (nmax 31): the 16 header bytes (d, dmin, scales) and L (B, 256)."""
+    nb = blocks.shape[0]
+    x = _to_columns(blocks, 32)
+    # sqrt in float64 then rounded is the correctly rounded float32 sqrt (C's sqrtf); torch's float32
+    # sqrt may be off by one ulp on CPU.
+    av_x = torch.sqrt(_divc(_seq_sum(x * x), 32.0).double()).float()
+    w = av_x + x.abs()
+    scales, mins, L = _make_qkx2(x, w, nmax, rmin, 0.1, nstep, False, exact)
+    scales = scales.reshape(nb, 8)
+    mins = mins.reshape(nb, 8)
+    max_scale = _max_positive(scales)
+    max_min = _max_positive(mins)
+    inv_scale = torch.where(max_scale > 0, _cdiv(63.0, torch.where(max_scale > 0, max_scale, 1.0)), 0.0)
+    inv_min = torch.where(max_min > 0, _cdiv(63.0, torch.where(max_min > 0, max_min, 1.0)), 0.0)
+    ls = (_nearest_int(inv_scale[:, None] * scales) & 0xFF).clamp_(max=63)
+    lm = (_nearest_int(inv_min[:, None] * mins) & 0xFF).clamp_(max=63)
+    d = _fp16_round(_divc(max_scale, 63.0))
+    dmin = _fp16_round(_divc(max_min, 63.0))
+    dj = (d[:, None] * ls.to(torch.float32)).reshape(1, -1)
+    dmj = (dmin[:, None] * lm.to(torch.float32)).reshape(1, -1)
+    L = _requant_affine(x, L, dj, dmj, nmax)
+    head = torch.cat([_fp16_bytes(d), _fp16_bytes(dmin), _pack_6bit_scales(ls, lm)], dim=1)
+    return head, _from_columns(L, nb)
+
+
+def _quantize_q4_k(blocks: torch.Tensor, exact: bool) -> torch.Tensor:
+    head, L = _q4_q5_k(blocks, 15, -1.0, 20, exact)
+    L = L.reshape(-1, 4, 2, 32)
+    qs = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128)
+    return torch.cat([head, qs.to(torch.uint8)], dim=1)
+
+
+def _quantize_q5_k(blocks: torch.Tensor, exact: bool) -> torch.Tensor:
+    head, L = _q4_q5_k(blocks, 31, -0.5, 15, exact)
+    L = L.reshape(-1, 4, 2, 32)
+    qs = ((L[:, :, 0] & 0xF) | ((L[:, :, 1] & 0xF) << 4)).reshape(-1, 128)
+    high = (L >> 4) & 1
+    shifts = torch.arange(8, device=L.device, dtype=L.dtype).reshape(1, 4, 2, 1)
+    qh = (high << shifts).sum(dim=(1, 2))
+    return torch.cat([head, qh.to(torch.uint8), qs.to(torch.uint8)], dim=1)
+
+
+def _quantize_q6_k(blocks: torch.Tensor, exact: bool) -> torch.Tensor:
+    nb = blocks.shape[0]
+    x = _to_columns(blocks, 16)
+    scales, L = _make_qx(x, 32, exact)
+    scales = scales.reshape(nb, 16)
+    max_scale = _first_absmax(scales.T)
+    empty = max_scale.abs() < _GROUP_MAX_EPS
+    safe = torch.where(empty, torch.ones_like(max_scale), max_scale)
+    iscale = _cdiv(-128.0, safe)
+    d = _fp16_round(_cdiv(1.0, iscale))
+    sc = _nearest_int(iscale[:, None] * scales).clamp_(max=127)
+    sc = ((sc + 128) & 0xFF) - 128
+    dj = (d[:, None] * sc.to(torch.float32)).reshape(1, -1)
+    zero = dj == 0
+    q = _nearest_int(x / torch.where(zero, torch.ones_like(dj), dj)).clamp_(-32, 31) + 32
+    L = _from_columns(torch.where(zero, L.to(q.dtype), q), nb).reshape(nb, 2, 4, 32)
+    ql = torch.cat([L[:, :, 0] & 0xF | ((L[:, :, 2] & 0xF) << 4),
+                    L[:, :, 1] & 0xF | ((L[:, :, 3] & 0xF) << 4)], dim=2).reshape(nb, 128)
+    qh = ((L[:, :, 0] >> 4) | ((L[:, :, 1] >> 4) << 2) | ((L[:, :, 2] >> 4) << 4)
+          | ((L[:, :, 3] >> 4) << 6)).reshape(nb, 64)
+    out = torch.cat([ql.to(torch.uint8), qh.to(torch.uint8), sc.to(torch.int8).view(torch.uint8),
+                     _fp16_bytes(d)], dim=1)
+    return torch.where(empty[:, None], torch.zeros_like(out), out)
+
+
+def _pack_2bit(L: torch.Tensor) -> torch.Tensor:
+    """Q2_K/Q3_K value packing: per 128 values, byte l holds elements l, l+32, l+64, l+96 (2 bits each)."""
+    L = L.reshape(-1, 2, 4, 32)
+    return (L[:, :, 0] | (L[:, :, 1] << 2) | (L[:, :, 2] << 4) | (L[:, :, 3] << 6)).reshape(-1, 64).to(torch.uint8)
+
+
+def _quantize_q2_k(blocks: torch.Tensor, exact: bool) -> torch.Tensor:
+    nb = blocks.shape[0]
+    x = _to_columns(blocks, 16)
+    scales, mins, L = _make_qkx2(x, x.abs(), 3, -0.5, 0.1, 15, True, exact)
+    scales = scales.reshape(nb, 16)
+    mins = mins.reshape(nb, 16)
+    max_scale = _max_positive(scales)
+    max_min = _max_positive(mins)
+    has_scale = max_scale > 0
+    has_min = max_min > 0
+    iscale = _cdiv(15.0, torch.where(has_scale, max_scale, 1.0))
+    imin = _cdiv(15.0, torch.where(has_min, max_min, 1.0))
+    ls = torch.where(has_scale[:, None], _nearest_int(iscale[:, None] * scales), 0)
+    lm = torch.where(has_min[:, None], _nearest_int(imin[:, None] * mins), 0)
+    byte = (ls & 0xFF) | ((lm << 4) & 0xFF)
+    d = torch.where(has_scale, _fp16_round(_divc(max_scale, 15.0)), 0.0)
+    dmin = torch.where(has_min, _fp16_round(_divc(max_min, 15.0)), 0.0)
+    dj = (d[:, None] * (byte & 0xF).to(torch.float32)).reshape(1, -1)
+    dmj = (dmin[:, None] * (byte >> 4).to(torch.float32)).reshape(1, -1)
+    L = _from_columns(_requant_affine(x, L, dj, dmj, 3), nb)
+    return torch.cat([byte.to(torch.uint8), _pack_2bit(L), _fp16_bytes(d), _fp16_bytes(dmin)], dim=1)
+
+
+def _quantize_q3_k(blocks: torch.Tensor, exact: bool) -> torch.Tensor:
+    nb = blocks.shape[0]
+    x = _to_columns(blocks, 16)
+    scales, L = _make_q3(x, 4)
+    scales = scales.reshape(nb, 16)
+    max_scale = _first_absmax(scales.T)
+    has = max_scale != 0
+    iscale = _cdiv(-32.0, torch.where(has, max_scale, 1.0))
+    ls = _nearest_int(iscale[:, None] * scales)
+    ls = (((ls + 128) & 0xFF) - 128).clamp_(-32, 31) + 32
+    ls = torch.where(has[:, None], ls, 0)
+    low = ls & 0xF
+    packed_low = low[:, :8] | (low[:, 8:] << 4)
+    hi = (ls >> 4).reshape(nb, 4, 4)
+    packed_hi = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
+    d = torch.where(has, _fp16_round(_cdiv(1.0, iscale)), 0.0)
+    dj = (d[:, None] * (ls - 32).to(torch.float32)).reshape(1, -1)
+    zero = dj == 0
+    q = _nearest_int(x / torch.where(zero, torch.ones_like(dj), dj)).clamp_(-4, 3) + 4
+    L = _from_columns(torch.where(zero, L, q), nb)
+    high = (L > 3).to(torch.int32).reshape(nb, 8, 32)
+    shifts = torch.arange(8, device=L.device, dtype=torch.int32).reshape(1, 8, 1)
+    hmask = (high << shifts).sum(dim=1)
+    L = torch.where(L > 3, L - 4, L)
+    return torch.cat([hmask.to(torch.uint8), _pack_2bit(L), packed_low.to(torch.uint8),
+                      packed_hi.to(torch.uint8), _fp16_bytes(d)], dim=1)
+
+
+_K_QUANTIZERS = {
+    T.Q2_K: _quantize_q2_k,
+    T.Q3_K: _quantize_q3_k,
+    T.Q4_K: _quantize_q4_k,
+    T.Q5_K: _quantize_q5_k,
+    T.Q6_K: _quantize_q6_k,
+}
+
+
+def _needs_exact_rounding(chunk: torch.Tensor) -> bool:
+    """Whether the search loops may meet NaN/inf/huge values, where only the bit-exact nearest_int
+    reproduces C. Values between 1e-20 and 1e20 in magnitude (or zero) keep every rounded quantity
+    within a few units of nmax."""
+    a = chunk.abs()
+    return bool(((a > 1e20) | ((a < 1e-20) & (a > 0))).any())
+
+
+def default_device() -> str:
+    """"cuda" when a CUDA GPU is usable, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_finite(t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise UserError(
+            f"The tensor being quantized holds {bad} NaN or infinite value(s), which no GGUF type can "
+            "store meaningfully. The model weights are corrupt (often a diverged fine-tune or a bad "
+            "merge): check the checkpoint, e.g. with torch.isfinite on each weight, and re-export it."
+        )
+
+
+def quantize(x: torch.Tensor | np.ndarray, qtype: T, device: str | None = None) -> np.ndarray:
+    """Quantize x of shape (..., row_len) to ``qtype``, laid out as gguf-py's ``gguf.quants.quantize`` does.
+
+    Returns uint8 bytes shaped (..., row_bytes) for block types, and the typed array (float32,
+    float16, or uint16-viewed bf16 as gguf-py returns it) for F32/F16/BF16. K-quants run on
+    ``device`` ("cpu" or "cuda"; default: cuda when available); other types use gguf-py on the CPU.
+    """
+    qtype = T(qtype)
+    t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x.detach()
+    if not t.is_floating_point():
+        raise UserError(f"Cannot quantize a {t.dtype} tensor: only floating-point weights can be quantized.")
+    if t.ndim == 0:
+        t = t.reshape(1)
+    if qtype not in K_QUANTS and qtype not in GGUF_PY_TYPES:
+        raise UserError(f"Quantizing to {qtype.name} is not supported; choose one of "
+                        f"{', '.join(q.name for q in (*K_QUANTS, *GGUF_PY_TYPES))}.")
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    row_len = t.shape[-1]
+    if row_len % block != 0:
+        raise UserError(f"A row of {row_len} values cannot be stored as {qtype.name}, whose blocks hold "
+                        f"{block} values; pick a type with a smaller block (the recipes do this automatically).")
+    flat = t.reshape(-1, row_len)
+    if qtype in GGUF_PY_TYPES:
+        return _quantize_gguf_py(flat, qtype).reshape(*t.shape[:-1], -1)
+    dev = torch.device(device or default_device())
+    out = np.empty((flat.numel() // QK_K, type_size), dtype=np.uint8)
+    fn = _K_QUANTIZERS[qtype]
+    step = _CHUNK_BLOCKS.get(dev.type, 4096)
+    blocks = flat.reshape(-1, QK_K)
+    for start in range(0, blocks.shape[0], step):
+        chunk = blocks[start:start + step].to(device=dev, dtype=torch.float32)
+        _check_finite(chunk)
+        out[start:start + chunk.shape[0]] = fn(chunk, _needs_exact_rounding(chunk)).cpu().numpy()
+    return out.reshape(*t.shape[:-1], (row_len // QK_K) * type_size)
+
+
+def _quantize_gguf_py(flat: torch.Tensor, qtype: T) -> np.ndarray:
+    """Types gguf-py quantizes byte-exactly, fed in row chunks of float32."""
+    rows_per_chunk = max(1, _ROW_CHUNK_ELEMS // max(1, flat.shape[1]))
+    parts = []
+    for start in range(0, flat.shape[0], rows_per_chunk):
+        chunk = flat[start:start + rows_per_chunk].to(device="cpu", dtype=torch.float32)
+        _check_finite(chunk)
+        with np.errstate(over="ignore", invalid="ignore"):  # scales beyond fp16 overflow, as in C
+            parts.append(gguf_quants.quantize(chunk.numpy(), qtype))
+    return np.concatenate(parts, axis=0)
