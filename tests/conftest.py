@@ -31,3 +31,14 @@ def qwen2_dir() -> Path:
 def any_model_dir(request: pytest.FixtureRequest) -> Path:
     """Each fixture model in turn."""
     return fixtures.build_model(request.param)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_orphan_servers():
+    """At the end of the session no server started by any test may still run."""
+    yield
+    from unsloth_nb import serve
+
+    leaked = serve.running_servers()
+    serve.stop_all()
+    assert not leaked, f"servers left running: {leaked}"

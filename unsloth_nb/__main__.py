@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["vllm", "llama.cpp"], default=None,
                    help="default: vllm for folders, llama.cpp for GGUF")
     p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--api-key", default=None, help="require this key from clients (Authorization: Bearer KEY)")
+    p.add_argument("--tokenizer", default=None,
+                   help="merged HF folder for tokenizer and config (vLLM serving a GGUF on CUDA; experimental)")
 
     p = sub.add_parser("verify", help=COMMANDS["verify"][1])
     p.add_argument("model", metavar="MODEL_DIR", help="reference: the base (with --adapter) or a merged folder")
