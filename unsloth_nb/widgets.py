@@ -1,0 +1,641 @@
+"""Notebook panels on top of the stage modules: quantization picker, step panel, live loss plot, chat box.
+
+Every panel is a thin layer over plain objects that work without ipywidgets (papermill, Kaggle's "Save & Run
+All", a terminal): ``QuantPicker.selected`` is a Python list, ``StepPanel.run()`` runs the step, ``LossPlot``
+keeps the points, ``ChatBox.send(text)`` asks the server. ipywidgets is imported only when a widget is built,
+and only its common API (ipywidgets 7.7 as Colab ships it and 8.x) is used.
+
+The install helpers at the end choose what the notebooks' install cell runs on Colab and Kaggle: the
+requirements with the preinstalled torch held at its version, and the vLLM release that fits that torch, the
+GPU and the driver (or none, with the reason).
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unsloth_nb.errors import UserError
+from unsloth_nb.runtime import Runtime, detect, gb
+
+FIXTURE_PREFIX = "fixture:"
+"""``MODEL = "fixture:llama3"`` builds the tiny offline test model of that kind (see unsloth_nb.fixtures)."""
+
+HUB_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt")
+"""Files fetched from the Hugging Face Hub for a model: config, weights, tokenizer, chat template."""
+
+GREEN, RED = "#080", "#b00"
+
+
+def _ipywidgets() -> Any:
+    """ipywidgets, imported on first use so that the package imports without it."""
+    try:
+        import ipywidgets
+    except ImportError as exc:
+        raise UserError("The notebook panels need ipywidgets. Fix: `pip install ipywidgets`, or use the plain "
+                        "functions (picker.selected, panel.run(), server.chat) without widgets.") from exc
+    return ipywidgets
+
+
+def _display(obj: Any) -> None:
+    """Show ``obj`` in a notebook; print its text form elsewhere."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:
+        print(obj)
+        return
+    if get_ipython() is None:
+        print(obj)
+    else:
+        display(obj)
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+def model_folder(model: str | os.PathLike) -> Path:
+    """A local folder for ``model``: itself when it is a folder, the tiny offline model for
+    ``"fixture:<kind>"``, else a Hub id downloaded (config, safetensors, tokenizer only) to the HF cache."""
+    text = str(model)
+    if text.startswith(FIXTURE_PREFIX):
+        from unsloth_nb import fixtures
+
+        return fixtures.build_model(text[len(FIXTURE_PREFIX):])
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+        raise UserError(f"Model {text!r} is neither a folder nor a Hub id like 'unsloth/Llama-3.2-1B-Instruct'. "
+                        f"Fix: set MODEL to one of those.")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(text, allow_patterns=list(HUB_PATTERNS)))
+
+
+# ------------------------------------------------------------------------------------ quantization picker
+
+
+@dataclass(frozen=True)
+class QuantRow:
+    """One quantization method as the picker shows it for one model and one target folder."""
+
+    name: str
+    """Method name, e.g. "q4_k_m"."""
+    description: str
+    """One sentence on its size/quality trade-off (from the recipes)."""
+    size: int
+    """Bytes of this model's GGUF file for the method."""
+    exact: bool
+    """True when ``size`` is the converter's exact layout, False for an estimate."""
+    fits: bool
+    """Whether this file alone (plus the merged copy when one is needed) fits the folder's free space."""
+
+
+@functools.lru_cache(maxsize=8)
+def _all_gguf_sizes(model_dir: Path, stamp: tuple) -> dict[str, tuple[int, bool]]:
+    """(bytes, exact) of every method's GGUF file for ``model_dir``; cached while its files are unchanged
+    (``stamp``), so re-running a picker cell does not re-read the tokenizer."""
+    from unsloth_nb import plan
+    from unsloth_nb.gguf import recipes
+
+    return plan.gguf_sizes(plan.size_model(model_dir), list(recipes.METHODS))
+
+
+def _stamp(folder: Path) -> tuple:
+    return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()))
+
+
+class QuantPicker:
+    """Choose GGUF methods for one model with each file's size and whether it fits ``out_dir``.
+
+    ``selected`` is a plain list of method names for the next cell. With an ``adapter``, the merged 16-bit
+    copy counts against the disk unless ``fused`` is on (GGUF straight from base + adapter); the fused path
+    is switched on by default when the merged copy and the selection do not fit but the selection alone does.
+    """
+
+    def __init__(self, model: str | os.PathLike, out_dir: str | os.PathLike, selected: Iterable[str] = ("q4_k_m",),
+                 *, adapter: str | os.PathLike | None = None, runtime: Runtime | None = None) -> None:
+        from unsloth_nb import plan
+        from unsloth_nb.gguf import recipes
+
+        self.runtime = runtime or detect()
+        self.out_dir = Path(os.path.abspath(out_dir))
+        self.adapter = Path(adapter) if adapter else None
+        size = plan.size_model(model)
+        self.model_dir = size.path
+        self.sizes = _all_gguf_sizes(size.path, _stamp(size.path))
+        self.descriptions = {name: m.description for name, m in recipes.METHODS.items()}
+        if self.adapter:
+            plan.size_adapter(self.adapter)  # a UserError now when it is not an adapter folder
+        self.merged_bytes = size.bytes_16bit + size.extra_bytes if self.adapter else 0
+        self.free = self.runtime.free_disk(self.out_dir)
+        self.selected: list[str] = plan.parse_methods(list(selected))
+        self.fused = bool(self.adapter) and not self._fits(self.selected, False) and self._fits(self.selected, True)
+        self._widget: Any = None
+        self._syncing = False
+
+    def _fits(self, methods: list[str], fused: bool) -> bool:
+        extra = 0 if fused else self.merged_bytes
+        return sum(self.sizes[m][0] for m in methods) + extra <= self.free
+
+    @property
+    def rows(self) -> list[QuantRow]:
+        """Every method in display order, with this model's size and the fit flag."""
+        extra = 0 if self.fused else self.merged_bytes
+        return [QuantRow(name, self.descriptions[name], size, exact, size + extra <= self.free)
+                for name, (size, exact) in self.sizes.items()]
+
+    @property
+    def total(self) -> int:
+        """Bytes the selection writes (with the merged copy unless fused)."""
+        return sum(self.sizes[m][0] for m in self.selected) + (0 if self.fused else self.merged_bytes)
+
+    @property
+    def fits(self) -> bool:
+        """Whether everything selected fits the folder's free space."""
+        return self.total <= self.free
+
+    def set_selected(self, methods: Iterable[str]) -> None:
+        """Select exactly ``methods`` (keeps the checkboxes in step when the widget exists)."""
+        from unsloth_nb import plan
+
+        chosen = plan.parse_methods(list(methods))
+        if self._widget is not None:
+            self._syncing = True
+            try:
+                for name, box in self.checkboxes.items():
+                    box.value = name in chosen
+            finally:
+                self._syncing = False
+        self.selected = chosen
+        self._refresh()
+
+    def summary(self) -> str:
+        """One line: the selection, its total and whether it fits."""
+        names = ", ".join(self.selected) or "nothing"
+        merged = "" if self.fused or not self.adapter else f" (with the {gb(self.merged_bytes)} merged copy)"
+        verdict = "fits" if self.fits else f"does NOT fit ({gb(self.total - self.free)} short)"
+        return f"selected: {names}; total {gb(self.total)}{merged}; {gb(self.free)} free in {self.out_dir}: {verdict}"
+
+    def advice(self) -> str:
+        """What to do when the selection does not fit (empty when it fits)."""
+        if self.fits:
+            return ""
+        if self.adapter and not self.fused and self._fits(self.selected, True):
+            return ("The merged 16-bit copy is what does not fit: tick 'fused' to write the GGUF straight from the "
+                    "base model and the adapter, with no merged copy.")
+        return "Pick fewer or smaller methods, or choose a folder with more free space (OUT_DIR)."
+
+    def __str__(self) -> str:
+        lines = [f"GGUF methods for {self.model_dir.name} -> {self.out_dir}"]
+        for r in self.rows:
+            mark = "x" if r.name in self.selected else " "
+            size = gb(r.size) if r.exact else f"~{gb(r.size)}"
+            lines.append(f"[{mark}] {r.name:<7} {size:>9}  {'fits' if r.fits else 'too big'}  {r.description}")
+        if self.adapter:
+            lines.append(f"fused (no merged copy): {'yes' if self.fused else 'no'}")
+        lines.append(self.summary())
+        if self.advice():
+            lines.append(self.advice())
+        return "\n".join(lines)
+
+    # -- widget ----------------------------------------------------------------------------------------------
+
+    @property
+    def widget(self) -> Any:
+        """The ipywidgets view (built on first use): one checkbox per method, the total, the fused switch."""
+        if self._widget is None:
+            self._build()
+        return self._widget
+
+    def _build(self) -> None:
+        w = _ipywidgets()
+        self.checkboxes: dict[str, Any] = {}
+        self.size_labels: dict[str, Any] = {}
+        rows = []
+        for r in self.rows:
+            box = w.Checkbox(value=r.name in self.selected, description=r.name)
+            box.observe(self._on_change, names="value")
+            self.checkboxes[r.name] = box
+            self.size_labels[r.name] = w.HTML()
+            rows.append(w.HBox([box, self.size_labels[r.name], w.HTML(html.escape(r.description))]))
+        self.fused_box = w.Checkbox(value=self.fused, description="fused: GGUF straight from base + adapter")
+        self.fused_box.observe(self._on_change, names="value")
+        self.total_label = w.HTML()
+        header = w.HTML(f"<b>GGUF methods for {html.escape(self.model_dir.name)}</b> &rarr; "
+                        f"{html.escape(str(self.out_dir))} ({gb(self.free)} free)")
+        parts = [header, *rows] + ([self.fused_box] if self.adapter else []) + [self.total_label]
+        self._widget = w.VBox(parts)
+        self._refresh()
+
+    def _on_change(self, change: dict) -> None:
+        if self._syncing:
+            return
+        self.selected = [name for name, box in self.checkboxes.items() if box.value]
+        self.fused = bool(self.adapter) and self.fused_box.value
+        self._refresh()
+
+    def _refresh(self) -> None:
+        if self._widget is None:
+            return
+        for r in self.rows:
+            size = gb(r.size) if r.exact else f"~{gb(r.size)}"
+            color, word = (GREEN, "fits") if r.fits else (RED, "too big")
+            self.size_labels[r.name].value = f"<span style='color:{color}'>{size} &middot; {word}</span>"
+        color = GREEN if self.fits else RED
+        advice = f"<br>{html.escape(self.advice())}" if self.advice() else ""
+        self.total_label.value = f"<span style='color:{color}'><b>{html.escape(self.summary())}</b>{advice}</span>"
+
+    def _ipython_display_(self) -> None:
+        try:
+            widget = self.widget
+        except UserError:
+            print(self)
+            return
+        from IPython.display import display
+
+        display(widget)
+
+
+# ------------------------------------------------------------------------------------------------ step panel
+
+
+class StepPanel:
+    """One step in a box: its plan, a Run button, a progress bar, the step's log, and a result line.
+
+    ``run()`` does the step without any widget (batch runs); the button calls the same ``run()``.
+    """
+
+    def __init__(self, title: str, step: Callable[[], Any], *, plan: Any = None,
+                 summary: Callable[[Any], str] = str) -> None:
+        self.title = title
+        self.step = step
+        self.plan = plan
+        self.summarize = summary
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.runs = 0
+        self._widget: Any = None
+
+    @property
+    def widget(self) -> Any:
+        """The ipywidgets view, built on first use."""
+        if self._widget is None:
+            w = _ipywidgets()
+            plan_html = self.plan._repr_html_() if hasattr(self.plan, "_repr_html_") else (
+                f"<pre>{html.escape(str(self.plan))}</pre>" if self.plan is not None else "")
+            self.button = w.Button(description=f"Run {self.title}")
+            self.button.on_click(lambda _button: self.run())
+            self.progress = w.IntProgress(value=0, min=0, max=1)
+            self.log = w.Output()
+            self.result_label = w.HTML()
+            self._widget = w.VBox([w.HTML(f"<b>{html.escape(self.title)}</b>{plan_html}"),
+                                   w.HBox([self.button, self.progress]), self.log, self.result_label])
+        return self._widget
+
+    def run(self) -> Any:
+        """Run the step (once more on each call); returns its result, raises its error."""
+        self.runs += 1
+        if self._widget is None:
+            print(f"[{self.title}] running ...")
+            self.result = self.step()
+            print(f"[{self.title}] {self.summarize(self.result)}")
+            return self.result
+        self.button.disabled = True
+        self.progress.value, self.progress.bar_style = 0, "info"
+        started = time.perf_counter()
+        try:
+            with self.log:
+                self.result = self.step()
+            self.error = None
+            self.progress.value, self.progress.bar_style = 1, "success"
+            self.result_label.value = (f"<span style='color:{GREEN}'>done in {time.perf_counter() - started:.1f} s: "
+                                       f"{html.escape(self.summarize(self.result))}</span>")
+            return self.result
+        except BaseException as exc:
+            self.error = exc
+            self.progress.bar_style = "danger"
+            self.result_label.value = f"<span style='color:{RED}'>{html.escape(str(exc))}</span>"
+            raise
+        finally:
+            self.button.disabled = False
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+
+def run_step(title: str, step: Callable[[], Any], *, plan: Any = None, summary: Callable[[Any], str] = str) -> Any:
+    """Show a :class:`StepPanel` (a plain log without ipywidgets) and run it now, so that "Run all" and batch
+    runs do the step; the panel's button runs it again. Returns the step's result."""
+    panel = StepPanel(title, step, plan=plan, summary=summary)
+    try:
+        _display(panel.widget)
+    except UserError:
+        if plan is not None:
+            print(plan)
+    return panel.run()
+
+
+# ------------------------------------------------------------------------------------------------ loss plot
+
+
+class LossPlot:
+    """The training loss, redrawn in an Output widget at every logging step.
+
+    Give ``callback()`` to a transformers Trainer (``callbacks=[...]``), or call ``add(step, loss)``.
+    Without ipywidgets the points are kept and ``draw()`` shows the final figure.
+    """
+
+    def __init__(self, title: str = "training loss") -> None:
+        self.title = title
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+        try:
+            self.output: Any = _ipywidgets().Output()
+        except UserError:
+            self.output = None
+
+    def add(self, step: int, loss: float) -> None:
+        """Record one point and redraw the live plot."""
+        self.steps.append(int(step))
+        self.losses.append(float(loss))
+        if self.output is not None:
+            with self.output:
+                from IPython.display import clear_output
+
+                clear_output(wait=True)
+                self.draw()
+
+    def draw(self) -> Any:
+        """Draw the curve with matplotlib (shown inline in a notebook); returns the figure."""
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.plot(self.steps, self.losses, marker="o" if len(self.steps) < 30 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(self.title)
+        fig.tight_layout()
+        _display(fig)
+        plt.close(fig)
+        return fig
+
+    def callback(self) -> Any:
+        """A ``transformers.TrainerCallback`` that feeds this plot."""
+        from transformers import TrainerCallback
+
+        plot = self
+
+        class _LossCallback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    plot.add(state.global_step, logs["loss"])
+
+        return _LossCallback()
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        if self.output is not None:
+            display(self.output)
+
+
+def train_with_plot(model: str | os.PathLike, data: Any, out_dir: str | os.PathLike, **kwargs: Any) -> Any:
+    """``train.train(...)`` with a live loss plot under the cell (when the adapter was already finished, the
+    plot shows its saved loss history). Keyword arguments go to ``train.train``; returns the TrainResult."""
+    from unsloth_nb import train
+
+    plot = LossPlot()
+    _display(plot)
+    kwargs["callbacks"] = [*kwargs.get("callbacks", ()), plot.callback()]
+    result = train.train(model, data, out_dir, **kwargs)
+    if not plot.steps and result.loss_steps:
+        plot.steps, plot.losses = list(result.loss_steps), list(result.loss_history)
+        if plot.output is not None:
+            with plot.output:
+                plot.draw()
+        else:
+            plot.draw()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- chat box
+
+
+class ChatBox:
+    """A text box and a Send button that ask a running server (``serve.Server``) and show the answers."""
+
+    def __init__(self, server: Any, *, max_tokens: int = 128) -> None:
+        self.server = server
+        self.max_tokens = max_tokens
+        self.history: list[tuple[str, str]] = []
+        self._widget: Any = None
+
+    def send(self, text: str) -> str:
+        """Ask the server (one user message); returns the answer and shows it in the widget when built."""
+        answer = self.server.chat(text, max_tokens=self.max_tokens)
+        self.history.append((text, answer))
+        if self._widget is not None:
+            with self.output:
+                print(f"you: {text}\nmodel: {answer}\n")
+        return answer
+
+    @property
+    def widget(self) -> Any:
+        """The ipywidgets view, built on first use."""
+        if self._widget is None:
+            w = _ipywidgets()
+            self.text = w.Text(placeholder="Ask the model something")
+            self.button = w.Button(description="Send")
+            self.output = w.Output()
+            self.button.on_click(lambda _button: self._send_box())
+            self._widget = w.VBox([w.HBox([self.text, self.button]), self.output])
+        return self._widget
+
+    def _send_box(self) -> None:
+        text = self.text.value.strip()
+        if not text:
+            return
+        self.text.value = ""
+        try:
+            self.send(text)
+        except UserError as exc:
+            with self.output:
+                print(f"error: {exc}")
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+
+# ------------------------------------------------------------------------------------------ sharing results
+
+
+def share_hints(files: Iterable[Any], repo: str = "", runtime: Runtime | None = None) -> list[str]:
+    """How to get the GGUF files off this machine (printed); uploads them to the Hub repo ``repo`` when given
+    (needs a Hugging Face token with write access). Returns the printed lines."""
+    rt = runtime or detect()
+    paths = [Path(getattr(f, "path", f)) for f in files]
+    lines = [f"{p} ({gb(p.stat().st_size)})" for p in paths]
+    if rt.platform == "colab":
+        lines.append("download: from google.colab import files; files.download(PATH)  (or copy to Google Drive)")
+    elif rt.platform == "kaggle":
+        lines.append("download: files under /kaggle/working appear in the notebook's Output tab after "
+                     "'Save Version'; files under /tmp are gone when the session ends")
+    else:
+        lines.append("the files are on this machine's disk: copy them where you need them")
+    if repo:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo, exist_ok=True)
+        for p in paths:
+            api.upload_file(path_or_fileobj=str(p), path_in_repo=p.name, repo_id=repo)
+        lines.append(f"uploaded {len(paths)} file(s) to https://huggingface.co/{repo}")
+    else:
+        lines.append("upload: set HF_REPO = 'your-name/model-GGUF' (and log in with huggingface_hub.login()) "
+                     "and re-run this cell")
+    for line in lines:
+        print(line)
+    return lines
+
+
+def files_summary(results: Iterable[Any]) -> str:
+    """One line per written file (``convert.convert`` results or paths): name and size."""
+    parts = []
+    for r in results:
+        path = Path(getattr(r, "path", r))
+        parts.append(f"{path.name} ({gb(path.stat().st_size)})")
+    return ", ".join(parts) or "no files"
+
+
+# -------------------------------------------------------------------------------------- Colab/Kaggle install
+
+VLLM_FOR_TORCH: dict[str, str] = {
+    "2.6": ">=0.8.0,<0.9",
+    "2.7": ">=0.9.0,<0.10.2",
+    "2.8": ">=0.10.2,<0.11.1",
+    "2.9": ">=0.11.1",
+}
+"""vLLM releases whose exact torch pin falls in each torch minor release (vLLM pins torch with ``==``). The
+install also holds torch at its installed version, so pip picks, within the range, the release that pins
+exactly that torch or refuses; it never replaces torch. Torch releases not listed leave the choice to pip."""
+
+DRIVER_FOR_CUDA: dict[int, int] = {11: 450, 12: 525, 13: 580}
+"""Oldest NVIDIA driver (major version) that runs each CUDA major release (minor-version compatibility)."""
+
+
+@dataclass(frozen=True)
+class VllmChoice:
+    """The vLLM requirement to install on this machine, or None with the reason."""
+
+    requirement: str | None
+    """pip requirement, e.g. "vllm>=0.10.2,<0.11.1"; None when vLLM cannot run here."""
+    reason: str
+    """One sentence on why."""
+
+
+def choose_vllm(runtime: Runtime, torch_version: str | None, torch_cuda: str | None,
+                driver: str | None) -> VllmChoice:
+    """Pick the vLLM requirement from the GPUs, the installed torch (version and CUDA build) and the driver.
+
+    Pure, so that each platform's choice is tested without it: ``detect_torch()`` and ``detect_driver()``
+    read the real values."""
+    from unsloth_nb.serve import VLLM_MIN_CAPABILITY
+
+    if not runtime.gpus:
+        return VllmChoice(None, "no CUDA GPU: serve the GGUF with llama.cpp instead")
+    old = [g for g in runtime.gpus if g.capability < VLLM_MIN_CAPABILITY]
+    if old:
+        major, minor = old[0].capability
+        return VllmChoice(None, f"{old[0].name} has compute capability {major}.{minor}, below vLLM's "
+                                f"{VLLM_MIN_CAPABILITY[0]}.{VLLM_MIN_CAPABILITY[1]}: serve the GGUF with llama.cpp")
+    if not torch_version or not torch_cuda:
+        return VllmChoice(None, "torch with CUDA is not installed, and installing vLLM would replace it")
+    cuda_major = int(torch_cuda.split(".")[0])
+    need = DRIVER_FOR_CUDA.get(cuda_major)
+    if driver and need and int(driver.split(".")[0]) < need:
+        return VllmChoice(None, f"NVIDIA driver {driver} is older than {need}, which CUDA {cuda_major} (this torch's "
+                                f"build) needs: serve the GGUF with llama.cpp")
+    minor_release = ".".join(torch_version.split("+")[0].split(".")[:2])
+    bounds = VLLM_FOR_TORCH.get(minor_release, "")
+    return VllmChoice(f"vllm{bounds}", f"the vLLM release that pins torch {torch_version.split('+')[0]} "
+                                       f"(CUDA {torch_cuda}, driver {driver or 'unknown'})")
+
+
+def detect_torch() -> tuple[str | None, str | None]:
+    """(torch version, CUDA version it was built with) without importing torch into this process."""
+    code = "import torch; print(torch.__version__); print(torch.version.cuda or '')"
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    version, _, cuda = out.stdout.strip().partition("\n")
+    return version.strip() or None, cuda.strip() or None
+
+
+def detect_driver() -> str | None:
+    """The NVIDIA driver version from nvidia-smi, e.g. "550.54.15"; None without one."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0].strip() if out.strip() else None
+
+
+LLAMA_CPP_REQUIREMENT = "llama-cpp-python[server]>=0.3.16"
+"""llama.cpp's Python server (pip compiles it: a few minutes), for serving GGUF files."""
+
+
+def install_commands(requirements: str | os.PathLike, constraints: str | os.PathLike,
+                     vllm: VllmChoice | None, llama_cpp: bool = False) -> list[list[str]]:
+    """The pip command lines the install cell runs: the requirements, then vLLM when chosen and llama.cpp when
+    asked, each under ``constraints`` (which holds torch at its installed version)."""
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--constraint", str(constraints)]
+    commands = [[*pip, "--requirement", str(requirements)]]
+    if vllm is not None and vllm.requirement:
+        commands.append([*pip, vllm.requirement])
+    if llama_cpp:
+        commands.append([*pip, LLAMA_CPP_REQUIREMENT])
+    return commands
+
+
+def install(requirements: str | os.PathLike, *, vllm: bool = True, llama_cpp: bool = False) -> VllmChoice | None:
+    """Colab/Kaggle install: ``requirements``, the vLLM release chosen by :func:`choose_vllm` (when ``vllm``)
+    and llama.cpp's server (when ``llama_cpp``), with torch held at its installed version so that pip can never
+    replace it."""
+    version, cuda = detect_torch()
+    if version is None:
+        raise UserError("torch is not installed in this runtime. Fix: use a Colab or Kaggle GPU runtime (they ship "
+                        "torch), or install torch for your machine first.")
+    choice = choose_vllm(detect(), version, cuda, detect_driver()) if vllm else None
+    if choice is not None:
+        print(f"vLLM: {choice.requirement or 'not installed'} ({choice.reason})")
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write(f"torch=={version.split('+')[0]}\n")
+    try:
+        for command in install_commands(requirements, f.name, choice, llama_cpp):
+            subprocess.run(command, check=True)
+    finally:
+        os.unlink(f.name)
+    return choice
+
