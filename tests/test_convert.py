@@ -1,0 +1,351 @@
+"""The native GGUF writer against llama.cpp's own converter, transformers' GGUF loader and llama.cpp itself."""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from unsloth_nb import fixtures
+from unsloth_nb.__main__ import main
+from unsloth_nb.errors import UserError
+from unsloth_nb.gguf import bpe_pre, convert, llamacpp, vocab
+
+REFERENCE_TYPES = ("f16", "bf16", "q8_0")
+"""Output types llama.cpp's converter writes itself (K-quants need llama-quantize)."""
+
+NAMING_KEYS = {"general.name", "general.basename", "general.finetune", "general.version", "general.size_label"}
+"""Keys the reference derives from the model folder's name; the only keys allowed to differ."""
+
+
+def run_reference(model_dir: Path, outtype: str, outfile: Path) -> Path:
+    """llama.cpp's convert_hf_to_gguf.py from the pinned llama-cpp-python sdist, with its own gguf-py."""
+    tree = llamacpp.source_tree()
+    env = dict(os.environ, PYTHONPATH=str(tree / "gguf-py"))
+    cmd = [sys.executable, str(tree / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", outtype,
+           "--outfile", str(outfile)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return outfile
+
+
+def metadata(reader: gguf.GGUFReader) -> dict[str, tuple]:
+    """Every key/value of a file with its GGUF value types."""
+    return {k: (tuple(f.types), f.contents()) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+@pytest.fixture(scope="module", params=fixtures.KINDS)
+def converted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """(model folder, {type: native file}, {type: reference file}) for each fixture model."""
+    model_dir = fixtures.build_model(request.param)
+    out = tmp_path_factory.mktemp(f"convert-{request.param}")
+    results = convert.convert(model_dir, list(REFERENCE_TYPES), out / "native", progress=False)
+    native = {r.method: r.path for r in results}
+    reference = {t: run_reference(model_dir, t, out / f"reference.{t}.gguf") for t in REFERENCE_TYPES}
+    return model_dir, native, reference
+
+
+@pytest.mark.parametrize("outtype", REFERENCE_TYPES)
+def test_same_tensors_and_metadata_as_llamacpp(converted, outtype: str) -> None:
+    _, native, reference = converted
+    ours, theirs = gguf.GGUFReader(native[outtype]), gguf.GGUFReader(reference[outtype])
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors, strict=True):
+        assert (a.tensor_type, a.shape.tolist()) == (b.tensor_type, b.shape.tolist()), a.name
+        assert a.data.tobytes() == b.data.tobytes(), f"{a.name}: bytes differ"
+    ka, kb = metadata(ours), metadata(theirs)
+    assert set(ka) - NAMING_KEYS == set(kb) - NAMING_KEYS
+    differing = [k for k in ka if k not in NAMING_KEYS and ka[k] != kb[k]]
+    assert differing == []
+
+
+@pytest.mark.parametrize("outtype", REFERENCE_TYPES)
+def test_whole_file_is_byte_identical_to_llamacpp(converted, outtype: str) -> None:
+    """Same folder in, so even the naming keys, key order and padding agree."""
+    _, native, reference = converted
+    assert native[outtype].read_bytes() == reference[outtype].read_bytes()
+
+
+def test_tokenizer_keys_match_family(converted) -> None:
+    """The three tokenizer kinds are really exercised: SentencePiece and two byte-level BPEs with a known pre."""
+    model_dir, native, _ = converted
+    kv = metadata(gguf.GGUFReader(native["bf16"]))
+    model = kv["tokenizer.ggml.model"][1]
+    if (model_dir / "tokenizer.model").is_file():
+        assert model == "llama" and "tokenizer.ggml.scores" in kv
+    else:
+        assert model == "gpt2" and "tokenizer.ggml.merges" in kv
+        assert kv["tokenizer.ggml.pre"][1] in bpe_pre.PRE_BY_HASH.values()
+
+
+def test_llama3_writes_rope_freqs_and_permutes_qk(llama3_dir: Path, tmp_path: Path) -> None:
+    """rope_freqs holds the llama3 factors and attn_q rows are HF's rows interleaved per head."""
+    from safetensors import safe_open
+
+    path = convert.convert(llama3_dir, ["f32"], tmp_path, progress=False)[0].path
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    config = json.loads((llama3_dir / "config.json").read_text())
+    head_dim = config["head_dim"]
+    assert tensors["rope_freqs.weight"].data.shape == (head_dim // 2,)
+    assert tensors["rope_freqs.weight"].data.max() == config["rope_scaling"]["factor"]
+    with safe_open(llama3_dir / "model.safetensors", framework="pt") as f:
+        hf_q = f.get_tensor("model.layers.0.self_attn.q_proj.weight").float()
+    ours = torch.from_numpy(np.array(tensors["blk.0.attn_q.weight"].data))
+    head = hf_q[:head_dim]
+    assert torch.equal(ours[0], head[0]) and torch.equal(ours[1], head[head_dim // 2])
+    assert torch.equal(ours[2], head[1])
+
+
+@pytest.mark.parametrize("method", ["f32", "bf16", "q8_0", "q4_k_m"])
+def test_layout_predicts_exact_file(llama2_dir: Path, tmp_path: Path, method: str) -> None:
+    planned = convert.layout(llama2_dir, method)
+    written = convert.convert(llama2_dir, [method], tmp_path, progress=False)[0]
+    assert written.path.name == planned.file_name
+    assert written.size == planned.size == written.path.stat().st_size
+    reader = gguf.GGUFReader(written.path)
+    assert [(t.name, t.tensor_type, int(t.data_offset)) for t in reader.tensors] == [
+        (t.name, t.qtype, t.offset) for t in planned.tensors]
+
+
+def test_layout_of_tied_model_has_no_output_tensor(qwen2_dir: Path) -> None:
+    planned = convert.layout(qwen2_dir, "q8_0")
+    names = [t.name for t in planned.tensors]
+    assert "token_embd.weight" in names and "output.weight" not in names
+    assert "blk.0.attn_q.bias" in names
+
+
+def _hf_logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_transformers_gguf_loader_gives_hf_logits(llama2_dir: Path, tmp_path: Path) -> None:
+    """The mapping vLLM's GGUF loader uses: bf16 equal to the HF model (same float32 maths), f16 within 1e-4
+    absolute (bf16 weights are exact in f16 except below f16's normal range), q8_0 within 5% of the largest
+    logit. On llama2: transformers converts a 128k-token BPE vocabulary for minutes."""
+    from transformers import AutoModelForCausalLM
+
+    results = convert.convert(llama2_dir, list(REFERENCE_TYPES), tmp_path, progress=False)
+    ids = torch.tensor([[1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278]])
+    expected = _hf_logits(llama2_dir, ids)
+    tolerance = {"bf16": 0.0, "f16": 1e-4, "q8_0": 0.05 * float(expected.abs().max())}
+    for r in results:
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=r.path.name, dtype=torch.float32)
+        with torch.no_grad():
+            got = model(ids).logits
+        assert float((got - expected).abs().max()) <= tolerance[r.method], r.method
+
+
+def test_llamacpp_loads_and_generates(converted) -> None:
+    import llama_cpp
+
+    _, native, _ = converted
+    for path in native.values():
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, verbose=False)
+        out = llm.create_completion("Hello", max_tokens=4, temperature=0.0)
+        assert out["usage"]["completion_tokens"] >= 1
+        del llm
+
+
+def test_cli_prints_one_line_per_file(llama2_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(["gguf", str(llama2_dir), "--quant", "q8_0,BF16", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    for line, label in zip(lines, ("Q8_0", "BF16"), strict=True):
+        path = Path(line.split()[0])
+        assert path == tmp_path / f"{llama2_dir.name}.{label}.gguf" and path.is_file()
+        assert re.search(r"\d+(\.\d)? [KMG]?B\s+\d+\.\d s$", line)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(Path(line.split()[0]).name for line in lines)
+
+
+def test_llamacpp_backend_writes_the_same_file(llama2_dir: Path, tmp_path: Path) -> None:
+    ours = convert.convert(llama2_dir, ["q8_0"], tmp_path / "native", progress=False)[0]
+    theirs = convert.convert_with_llamacpp(llama2_dir, ["q8_0"], tmp_path / "llamacpp")[0]
+    assert theirs.path.name == ours.path.name
+    assert theirs.path.read_bytes() == ours.path.read_bytes()
+
+
+def test_bpe_hash_table_is_the_references(tmp_path: Path) -> None:
+    """The data table holds exactly the reference converter's hash -> name facts (later entries win)."""
+    source = (llamacpp.source_tree() / "conversion" / "base.py").read_text()
+    body = source[source.index("def get_vocab_base_pre"):source.index("Marker: End get_vocab_base_pre")]
+    pairs = re.findall(r'if chkhsh == "([0-9a-f]{64})":\s*\n(?:\s*#[^\n]*\n)*\s*res = "([^"]+)"', body)
+    assert len(pairs) == body.count("if chkhsh ==")
+    assert bpe_pre.PRE_BY_HASH == dict(pairs)
+    assert bpe_pre.CHECK_TEXT == ast.literal_eval(re.search(r"chktxt = ('.*')\n", body).group(1))
+
+
+def test_unknown_bpe_pretokenizer_is_default_with_warning(caplog) -> None:
+    """A BPE tokenizer llama.cpp has never seen (here: Qwen2's with one extra token) gets "default", loudly."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(fixtures.build_tokenizer("qwen2"))
+    assert vocab.pre_tokenizer_name(tokenizer) == "qwen2"
+    assert tokenizer.add_tokens(["我想在apple工作"]) == 1
+    with caplog.at_level(logging.WARNING, logger="unsloth_nb.gguf.vocab"):
+        assert vocab.pre_tokenizer_name(tokenizer) == "default"
+    assert "not one llama.cpp knows" in caplog.text
+
+
+def _copy_model(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest
+
+
+def _cli_error(args: list[str], capsys) -> str:
+    assert main(args) == 1
+    return capsys.readouterr().err
+
+
+def test_error_missing_folder(tmp_path: Path, capsys) -> None:
+    err = _cli_error(["gguf", str(tmp_path / "nope"), "--quant", "q8_0", "--out", str(tmp_path / "o")], capsys)
+    assert "does not exist" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_error_no_config(llama2_dir: Path, tmp_path: Path, capsys) -> None:
+    model = _copy_model(llama2_dir, tmp_path / "m")
+    (model / "config.json").unlink()
+    err = _cli_error(["gguf", str(model), "--quant", "q8_0", "--out", str(tmp_path / "o")], capsys)
+    assert "no config.json" in err
+
+
+def test_error_unsupported_architecture(llama2_dir: Path, tmp_path: Path, capsys) -> None:
+    model = _copy_model(llama2_dir, tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    config.update(architectures=["FalconForCausalLM"], model_type="falcon")
+    (model / "config.json").write_text(json.dumps(config))
+    err = _cli_error(["gguf", str(model), "--quant", "q8_0", "--out", str(tmp_path / "o")], capsys)
+    assert "FalconForCausalLM" in err and "LlamaForCausalLM" in err and "--backend llama.cpp" in err
+
+
+def test_error_corrupt_safetensors(llama2_dir: Path, tmp_path: Path, capsys) -> None:
+    model = _copy_model(llama2_dir, tmp_path / "m")
+    weights = model / "model.safetensors"
+    before = sorted(p.name for p in model.iterdir())
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    out = tmp_path / "o"
+    err = _cli_error(["gguf", str(model), "--quant", "q8_0,bf16", "--out", str(out)], capsys)
+    assert "model.safetensors" in err and "corrupt" in err
+    assert not out.exists() or list(out.iterdir()) == []
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
+def test_error_unknown_method_suggests(llama2_dir: Path, tmp_path: Path, capsys) -> None:
+    err = _cli_error(["gguf", str(llama2_dir), "--quant", "q4_k_n", "--out", str(tmp_path / "o")], capsys)
+    assert "q4_k_n" in err and "q4_k_m" in err
+
+
+def test_error_output_not_writable(llama2_dir: Path, tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("user data")
+    err = _cli_error(["gguf", str(llama2_dir), "--quant", "q8_0", "--out", str(blocker / "sub")], capsys)
+    assert "output folder" in err
+    assert blocker.read_text() == "user data"
+
+
+def test_failed_write_leaves_no_partial_file(llama2_dir: Path, tmp_path: Path) -> None:
+    """A NaN found while writing (the quantizer refuses it) stops the run and removes the temporary files."""
+    from safetensors.torch import load_file, save_file
+
+    model = _copy_model(llama2_dir, tmp_path / "m")
+    weights = load_file(model / "model.safetensors")
+    last = sorted(weights)[-1]
+    weights[last] = weights[last].clone()
+    weights[last].view(-1)[0] = float("nan")
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("user file")
+    with pytest.raises(UserError, match="NaN"):
+        convert.convert(model, ["q8_0", "bf16"], out, progress=False)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def _build_extra_model(kind: str, dest: Path) -> Path:
+    """A tiny random model of an architecture the fixtures do not cover, with a fixture's real tokenizer."""
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen3Config
+
+    common = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, max_position_embeddings=2048)
+    if kind == "mistral":
+        tokenizer, config = "llama2", MistralConfig(vocab_size=32000, tie_word_embeddings=False, **common)
+    else:
+        tokenizer, config = "qwen2", Qwen3Config(vocab_size=151936, tie_word_embeddings=True, **common)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    model.save_pretrained(dest)
+    for f in fixtures.build_tokenizer(tokenizer).iterdir():
+        if f.is_file() and f.name != "config.json":
+            shutil.copy(f, dest / f.name)
+    return dest
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen3"])
+def test_more_architectures_match_llamacpp(kind: str, tmp_path: Path) -> None:
+    """Mistral (Llama rules, SentencePiece) and Qwen3 (q/k norms, tied): files identical to the reference's."""
+    model_dir = _build_extra_model(kind, tmp_path / kind)
+    for r in convert.convert(model_dir, ["bf16", "q8_0"], tmp_path / "native", progress=False):
+        reference = run_reference(model_dir, r.method, tmp_path / f"reference.{r.method}.gguf")
+        assert r.path.read_bytes() == reference.read_bytes(), r.method
+    names = [t.name for t in gguf.GGUFReader(r.path).tensors]
+    assert kind != "qwen3" or "blk.0.attn_q_norm.weight" in names
+
+
+def test_split_output_matches_llamacpp_shards(llama2_dir: Path, tmp_path: Path) -> None:
+    """--split-max-size: same shard names, split keys and bytes as the reference converter's own split."""
+    split = 8_000_000
+    planned = convert.layout(llama2_dir, "q8_0", split_max_size=split)
+    result = convert.convert(llama2_dir, ["q8_0"], tmp_path / "native", split_max_size=split, progress=False)[0]
+    assert len(result.shards) == len(planned.shards) > 1
+    assert [(p.name, p.stat().st_size) for p in result.shards] == list(planned.shards)
+    tree = llamacpp.source_tree()
+    ref_dir = tmp_path / "reference"
+    ref_dir.mkdir()
+    cmd = [sys.executable, str(tree / "convert_hf_to_gguf.py"), str(llama2_dir), "--outtype", "q8_0",
+           "--outfile", str(ref_dir / f"{llama2_dir.name}.Q8_0.gguf"),
+           "--split-max-size", str(split)]
+    proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(tree / "gguf-py")), capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in ref_dir.iterdir()) == [p.name for p in result.shards]
+    for shard in result.shards:
+        assert shard.read_bytes() == (ref_dir / shard.name).read_bytes(), shard.name
+
+
+def test_fused_adapter_equals_merge_then_convert(llama2_dir: Path, tmp_path: Path) -> None:
+    """--adapter: converting base + LoRA directly gives the tensors and metadata of merging first."""
+    from lora_helpers import make_adapter
+
+    from unsloth_nb.merge import merge
+
+    adapter = make_adapter(llama2_dir, tmp_path / "adapter")
+    merged = tmp_path / "merged"
+    merge(llama2_dir, adapter, merged)
+    fused = convert.convert(llama2_dir, ["bf16", "q8_0"], tmp_path / "fused", adapter=adapter, progress=False)
+    plain = convert.convert(merged, ["bf16", "q8_0"], tmp_path / "plain", progress=False)
+    base = gguf.GGUFReader(convert.convert(llama2_dir, ["bf16"], tmp_path / "base", progress=False)[0].path)
+    for a, b in zip(fused, plain, strict=True):
+        ours, theirs = gguf.GGUFReader(a.path), gguf.GGUFReader(b.path)
+        assert [(t.name, t.tensor_type, t.data.tobytes()) for t in ours.tensors] == [
+            (t.name, t.tensor_type, t.data.tobytes()) for t in theirs.tensors]
+        ka, kb = metadata(ours), metadata(theirs)
+        assert {k: v for k, v in ka.items() if k not in NAMING_KEYS} == {
+            k: v for k, v in kb.items() if k not in NAMING_KEYS}
+    changed = {t.name: t.data.tobytes() for t in gguf.GGUFReader(fused[0].path).tensors}
+    assert changed["blk.0.attn_q.weight"] != {t.name: t.data.tobytes() for t in base.tensors}["blk.0.attn_q.weight"]

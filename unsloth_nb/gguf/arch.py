@@ -1,0 +1,276 @@
+"""Per-architecture rules for the native GGUF writer: which HF architectures we write, their hyper-parameter
+keys, tensor names and the tensor transforms llama.cpp expects.
+
+The values follow what llama.cpp's reference converter (``convert_hf_to_gguf.py``) writes for the same model,
+so that a file from either writer loads the same way in llama.cpp, transformers and vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import torch
+
+from unsloth_nb.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """How one family of HF architectures maps to GGUF."""
+
+    gguf_arch: gguf.MODEL_ARCH
+    """The GGUF architecture (its name prefixes every hyper-parameter key)."""
+    permute_qk: bool
+    """Llama-style (NORM) rope: interleave the two halves of every q/k head, as llama.cpp expects."""
+    vocab_order: tuple[str, ...]
+    """Tokenizer readers to try in order: "sentencepiece" (tokenizer.model), "llama_hf", "gpt2"."""
+    reads_add_prefix_space: bool
+    """Whether tokenizer_config's add_prefix_space is written as tokenizer.ggml.add_space_prefix."""
+    writes_vocab_size: bool
+    """Whether ``<arch>.vocab_size`` and ``<arch>.rope.dimension_count`` are written (Llama family)."""
+    llama3_rope_freqs: bool
+    """Whether rope_type "llama3" adds the ``rope_freqs`` tensor."""
+
+    @property
+    def name(self) -> str:
+        """GGUF architecture name, e.g. "llama"."""
+        return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
+
+
+_LLAMA = Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, vocab_order=("sentencepiece", "llama_hf", "gpt2"),
+              reads_add_prefix_space=True, writes_vocab_size=True, llama3_rope_freqs=True)
+_QWEN2 = Arch(gguf.MODEL_ARCH.QWEN2, permute_qk=False, vocab_order=("sentencepiece", "gpt2"),
+              reads_add_prefix_space=False, writes_vocab_size=False, llama3_rope_freqs=False)
+_QWEN3 = Arch(gguf.MODEL_ARCH.QWEN3, permute_qk=False, vocab_order=("sentencepiece", "gpt2"),
+              reads_add_prefix_space=False, writes_vocab_size=False, llama3_rope_freqs=False)
+
+ARCHITECTURES: dict[str, Arch] = {
+    "LlamaForCausalLM": _LLAMA,
+    "LLaMAForCausalLM": _LLAMA,
+    "MistralForCausalLM": _LLAMA,
+    "Qwen2ForCausalLM": _QWEN2,
+    "Qwen3ForCausalLM": _QWEN3,
+}
+"""HF ``architectures[0]`` -> rules. Everything else goes through ``--backend llama.cpp``."""
+
+
+def load_hparams(model_dir: Path) -> dict[str, Any]:
+    """config.json as transformers completes it (defaults filled in, as the reference converter reads it)."""
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise UserError(
+            f"{model_dir} has no config.json, so it is not a Hugging Face model folder. Fix: pass the folder "
+            "that holds config.json and the *.safetensors weights (for example the output of the merge step)."
+        )
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"{config_file} could not be read as JSON ({exc}). Fix: restore the model's config.json."
+        ) from exc
+    try:
+        from transformers import AutoConfig
+
+        hparams = AutoConfig.from_pretrained(model_dir, trust_remote_code=False).to_dict()
+    except Exception as exc:  # an unknown model_type is fine: the raw file is what the reference falls back to
+        logger.debug("transformers could not read %s (%s); using the raw config.json", config_file, exc)
+        hparams = raw
+    if "text_config" in hparams:
+        hparams = {**hparams, **hparams["text_config"]}
+    return hparams
+
+
+def architecture_name(hparams: dict[str, Any]) -> str:
+    """The HF architecture class name of a config (``architectures[0]``)."""
+    arches = hparams.get("text_config", {}).get("architectures") or hparams.get("architectures") or []
+    return arches[0] if arches else str(hparams.get("model_type", "unknown"))
+
+
+def find_arch(hparams: dict[str, Any], model_dir: Path) -> Arch:
+    """The rules for a config, or a UserError that names the architecture and the alternatives."""
+    name = architecture_name(hparams)
+    if name in ARCHITECTURES:
+        if not _is_reranker(hparams, model_dir):
+            return ARCHITECTURES[name]
+        name = f"{name} as a reranker"
+    supported = ", ".join(sorted(ARCHITECTURES))
+    raise UserError(
+        f"The native GGUF writer does not support the architecture {name}. It writes: {supported}. Fix: "
+        "convert with llama.cpp's own converter instead (`--backend llama.cpp`), which supports many more."
+    )
+
+
+def _is_reranker(hparams: dict[str, Any], model_dir: Path) -> bool:
+    """Qwen3 rerankers get a classifier head and pooling keys from llama.cpp: left to its converter."""
+    readme = model_dir / "README.md"
+    text = readme.read_text(encoding="utf-8", errors="replace").lower() if readme.is_file() else ""
+    hints = " ".join(str(h).lower() for h in (model_dir.name, hparams.get("_name_or_path", "")))
+    return "reranker" in hints or "# qwen3-reranker" in text or "# qwen3-vl-reranker" in text
+
+
+def find_hparam(hparams: dict[str, Any], keys: Iterable[str]) -> Any:
+    """The value of the first of ``keys`` present in the config (None when none is), as the reference reads it."""
+    return next((hparams[k] for k in keys if k in hparams), None)
+
+
+def block_count(hparams: dict[str, Any]) -> int:
+    """Number of transformer blocks."""
+    return int(find_hparam(hparams, ["n_layers", "num_hidden_layers", "n_layer", "num_layers"]))
+
+
+def rope_parameters(hparams: dict[str, Any]) -> dict[str, Any]:
+    """The rope settings in one dict (``rope_parameters`` or ``rope_scaling``, completed from top-level keys)."""
+    rope = dict(hparams.get("rope_parameters", hparams.get("rope_scaling")) or {})
+    if "full_attention" in rope or "sliding_attention" in rope:
+        return rope
+    theta = find_hparam(hparams, ["global_rope_theta", "rope_global_theta", "rope_theta_global", "rope_theta",
+                                  "rotary_emb_base"])
+    local_theta = find_hparam(hparams, ["local_rope_theta", "rope_local_theta", "rope_theta_local",
+                                        "swa_rope_theta", "rope_local_base_freq"])
+    partial = find_hparam(hparams, ["partial_rotary_factor", "rope_pct", "rope_percent"])
+    orig_ctx = find_hparam(hparams, ["original_max_position_embeddings"])
+    if local_theta is not None:
+        rope["sliding_attention"] = {"rope_theta": local_theta}
+    if "rope_theta" not in rope and theta is not None:
+        rope["rope_theta"] = theta
+    if "rope_type" not in rope and rope.get("type") is not None:
+        rope["rope_type"] = rope["type"]
+    if "partial_rotary_factor" not in rope and partial is not None:
+        rope["partial_rotary_factor"] = partial
+    if "original_max_position_embeddings" not in rope and orig_ctx is not None:
+        rope["original_max_position_embeddings"] = orig_ctx
+    return rope
+
+
+def head_dim(hparams: dict[str, Any]) -> int:
+    """Per-head size: ``head_dim`` when given, else hidden_size / num_attention_heads."""
+    return hparams.get("head_dim") or hparams["hidden_size"] // hparams["num_attention_heads"]
+
+
+def write_hparams(writer: gguf.GGUFWriter, arch: Arch, hparams: dict[str, Any], file_type: int) -> None:
+    """The ``<arch>.*`` hyper-parameter keys and ``general.file_type``, in the reference's order."""
+    writer.add_block_count(block_count(hparams))
+    keys = {
+        writer.add_context_length: ["max_position_embeddings", "n_ctx", "n_positions", "max_length",
+                                    "max_sequence_length", "model_max_length"],
+        writer.add_embedding_length: ["hidden_size", "n_embd", "dim"],
+        writer.add_feed_forward_length: ["prefix_dense_intermediate_size", "dense_intermediate_size",
+                                         "intermediate_size", "n_inner", "hidden_dim"],
+        writer.add_head_count: ["num_attention_heads", "n_head", "n_heads"],
+        writer.add_head_count_kv: ["num_key_value_heads", "n_kv_heads"],
+    }
+    for add, names in keys.items():
+        if (value := find_hparam(hparams, names)) is not None:
+            add(value)
+    if hparams.get("is_causal") is False:
+        writer.add_causal_attention(False)
+
+    rope = rope_parameters(hparams)
+    params = rope.get("full_attention", rope)
+    rope_type = params.get("rope_type")
+    factor = params.get("factor")
+    if rope_type == "linear" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(factor)
+    elif rope_type == "yarn" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(factor)
+        writer.add_rope_scaling_orig_ctx_len(params["original_max_position_embeddings"])
+        for add, names in ((writer.add_rope_scaling_yarn_ext_factor, ["extrapolation_factor"]),
+                           (writer.add_rope_scaling_yarn_attn_factor, ["attention_factor", "attn_factor"]),
+                           (writer.add_rope_scaling_yarn_beta_fast, ["beta_fast"]),
+                           (writer.add_rope_scaling_yarn_beta_slow, ["beta_slow"])):
+            if (value := find_hparam(params, names)) is not None:
+                add(value)
+    elif rope_type in ("su", "longrope"):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+    elif rope_type is not None and rope_type.lower() not in ("llama3", "dynamic", "default"):
+        logger.warning("unknown rope type %r: written without rope scaling keys", rope_type)
+    if (theta := params.get("rope_theta")) is not None:
+        writer.add_rope_freq_base(theta)
+    if (local_theta := rope.get("sliding_attention", {}).get("rope_theta")) is not None:
+        writer.add_rope_freq_base_swa(local_theta)
+    if (eps := find_hparam(hparams, ["rms_norm_eps", "norm_eps"])) is not None:
+        writer.add_layer_norm_rms_eps(eps)
+    if (eps := find_hparam(hparams, ["layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"])) is not None:
+        writer.add_layer_norm_eps(eps)
+    if (dim := hparams.get("head_dim")) is not None:
+        writer.add_key_length(dim)
+        writer.add_value_length(dim)
+    writer.add_file_type(file_type)
+    if arch.writes_vocab_size:
+        writer.add_vocab_size(hparams["vocab_size"])
+        writer.add_rope_dimension_count(head_dim(hparams))
+
+
+def rope_freqs(arch: Arch, hparams: dict[str, Any]) -> torch.Tensor | None:
+    """Llama 3 rope scaling factors per frequency (the ``rope_freqs`` tensor), or None when not used."""
+    rope = rope_parameters(hparams)
+    params = rope.get("full_attention", rope)
+    if not arch.llama3_rope_freqs or not params or str(params.get("rope_type", "")).lower() != "llama3":
+        return None
+    base = params.get("rope_theta", 10000.0)
+    dim = head_dim(hparams)
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = params.get("factor", 8.0)
+    low = params.get("low_freq_factor", 1.0)
+    high = params.get("high_freq_factor", 4.0)
+    old_ctx = params.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    factors: list[float] = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1)
+        elif wavelen > low_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
+
+
+_SKIPPED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
+
+
+def gguf_tensor_name(arch: Arch, hf_name: str, n_blocks: int) -> str | None:
+    """The GGUF name of an HF tensor, or None for tensors llama.cpp drops (rotary caches)."""
+    name = hf_name.replace("language_model.", "").replace("text_model.", "")
+    if name.endswith(_SKIPPED_SUFFIXES):
+        return None
+    new = gguf.get_tensor_name_map(arch.gguf_arch, n_blocks).get_name(name, try_suffixes=(".weight", ".bias"))
+    if new is None:
+        raise UserError(
+            f"The tensor {hf_name!r} has no GGUF name for the {arch.name} architecture, so this checkpoint "
+            "holds something the native writer does not know. Fix: convert with `--backend llama.cpp`."
+        )
+    return new
+
+
+def qk_heads(arch: Arch, hf_name: str, hparams: dict[str, Any]) -> int | None:
+    """Heads to permute q/k rows over (Llama rope layout), or None when the tensor is left as it is."""
+    if not arch.permute_qk:
+        return None
+    n_head = find_hparam(hparams, ["n_heads", "num_attention_heads"])
+    n_kv = find_hparam(hparams, ["n_kv_heads", "num_key_value_heads"])
+    if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        return n_head
+    if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        return n_kv if n_kv is not None and n_kv != n_head else n_head
+    return None
+
+
+def permute_qk(weights: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Interleave the two rotary halves of each head's rows (HF layout -> llama.cpp's NORM rope layout)."""
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(weights.shape))

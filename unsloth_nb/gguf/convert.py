@@ -1,0 +1,652 @@
+"""HF safetensors -> GGUF, natively in Python, one tensor at a time (``python -m unsloth_nb gguf``).
+
+The model folder is read once: for each tensor, rows are loaded lazily from the safetensors files, turned into
+float32, transformed as llama.cpp expects (q/k permutation for Llama) and fed to every requested output file,
+each quantizing to its own type. Every file first gets all tensor infos and metadata (gguf-py's GGUFWriter),
+then the data in the same order, so peak memory is about one tensor chunk, not the model.
+
+Each file is written under a temporary name in the output folder, read back and checked (tensor count,
+names, types, shapes, data offsets, size), and only then renamed to ``<name>.<METHOD>.gguf``.
+The metadata and tensors follow llama.cpp's reference converter for the same model (see ``arch``, ``vocab``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from unsloth_nb.errors import UserError
+from unsloth_nb.gguf import arch as archs
+from unsloth_nb.gguf import quants, recipes
+from unsloth_nb.gguf import vocab as vocabs
+
+logger = logging.getLogger(__name__)
+
+CHUNK_ELEMENTS = 1 << 24
+"""Rows are read and quantized in chunks of at most this many elements (64 MiB as float32)."""
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """One GGUF file written by ``convert``."""
+
+    method: str
+    """Method name as resolved, e.g. "q8_0"."""
+    path: Path
+    """Final path of the file."""
+    size: int
+    """File size in bytes."""
+    seconds: float
+    """Wall time of the conversion pass that wrote it (shared by all files of one call)."""
+    tensors: int
+    """Number of tensors in the file (in all shards when split)."""
+    shards: tuple[Path, ...] = ()
+    """Every file written for this method: ``(path,)`` unless split."""
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """Where one tensor lands in a GGUF file."""
+
+    name: str
+    """GGUF tensor name, e.g. "blk.0.attn_q.weight"."""
+    shape: tuple[int, ...]
+    """Shape in torch order (row length last)."""
+    qtype: gguf.GGMLQuantizationType
+    """Stored type."""
+    nbytes: int
+    """Bytes of data (without alignment padding)."""
+    offset: int
+    """Offset of the data from the start of its file."""
+    shard: int = 0
+    """Index of the file holding it (0 unless the output is split)."""
+
+
+@dataclass(frozen=True)
+class GGUFLayout:
+    """The exact shape of a GGUF file before it is written (computed from headers, no weights read)."""
+
+    method: str
+    """Method name, e.g. "q4_k_m"."""
+    file_name: str
+    """``<name>.<METHOD>.gguf`` (the first shard's name when split)."""
+    size: int
+    """Exact size in bytes (all shards together when split)."""
+    metadata_size: int
+    """Bytes before the first tensor's data in the first file (header, key/values, tensor infos, padding)."""
+    tensors: tuple[TensorLayout, ...]
+    """Every tensor, in file order."""
+    shards: tuple[tuple[str, int], ...] = ()
+    """(file name, size) of every file: one entry unless split, then llama.cpp's -0000i-of-0000n names."""
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    """One tensor to write: where it comes from and what it becomes."""
+
+    name: str
+    """GGUF name."""
+    shape: tuple[int, ...]
+    """Shape in torch order."""
+    hf_name: str | None = None
+    """Name in the safetensors file (None for generated tensors)."""
+    part: Path | None = None
+    """Safetensors file holding it."""
+    heads: int | None = None
+    """Heads for the Llama q/k row permutation, None when not permuted."""
+    data: torch.Tensor | None = None
+    """Generated float32 data (rope_freqs)."""
+
+
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+class _Safetensors:
+    """Rows of the tensors of one safetensors file, read with plain file reads rather than a memory map,
+    so that resident memory stays at one chunk instead of growing to the whole file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if n <= 0 or 8 + n > size:
+                    raise ValueError("header length beyond the end of the file")
+                header = json.loads(f.read(n))
+            self.base = 8 + n
+            self.entries = {k: v for k, v in header.items() if k != "__metadata__"}
+            end = max((v["data_offsets"][1] for v in self.entries.values()), default=0)
+            if self.base + end > size:
+                raise ValueError(f"data ends at byte {self.base + end} but the file has {size}")
+            bad = sorted({v["dtype"] for v in self.entries.values()} - set(_ST_DTYPES))
+            if bad:
+                raise ValueError(f"unsupported tensor dtype(s) {', '.join(bad)}")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{path} is not a readable safetensors file ({exc}). It may be truncated or "
+                            "corrupt (or hold pre-quantized weights). Fix: download or save it again in "
+                            "16-bit.") from exc
+        self.file: Any = None
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensor name -> shape."""
+        return {k: tuple(v["shape"]) for k, v in self.entries.items()}
+
+    def rows(self, name: str, rows: slice) -> torch.Tensor:
+        """Rows ``rows`` of tensor ``name`` (the whole tensor for 1-D ones), in its stored dtype."""
+        entry = self.entries[name]
+        dtype, shape = _ST_DTYPES[entry["dtype"]], tuple(entry["shape"]) or (1,)
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        first, last, _ = rows.indices(shape[0])
+        buffer = bytearray((last - first) * row_bytes)
+        if self.file is None:
+            self.file = open(self.path, "rb")
+        self.file.seek(self.base + entry["data_offsets"][0] + first * row_bytes)
+        if self.file.readinto(buffer) != len(buffer):
+            raise OSError(f"{self.path} ended early while reading {name}")
+        return torch.frombuffer(buffer, dtype=dtype).reshape(last - first, *shape[1:])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class _Model:
+    """A model folder read for conversion: config, architecture and the tensor list (weights stay on disk)."""
+
+    def __init__(self, model_dir: str | os.PathLike[str], adapter: str | os.PathLike[str] | None = None,
+                 device: str | None = None) -> None:
+        self.dir = Path(model_dir).expanduser()
+        if not self.dir.is_dir():
+            raise UserError(f"The model folder {self.dir} does not exist. Fix: pass the folder that holds "
+                            "config.json and the *.safetensors weights.")
+        self.hparams = archs.load_hparams(self.dir)
+        self.arch = archs.find_arch(self.hparams, self.dir)
+        self.n_blocks = archs.block_count(self.hparams)
+        self.merged: Any = None
+        """merge.MergedModel when a LoRA adapter is fused while converting (tensors come merged from it)."""
+        self.tokenizer_dir = self.dir
+        if adapter is not None:
+            from unsloth_nb.merge import MergedModel
+
+            self.merged = MergedModel(self.dir, Path(adapter).expanduser(), device)
+            merged_config = self.merged.merged_config()
+            for key in ("vocab_size", "tie_word_embeddings"):
+                if key in merged_config:
+                    self.hparams[key] = merged_config[key]
+            self.tokenizer_dir = self.merged.tokenizer_dir
+        self.tensors = self._index()
+
+    @property
+    def name(self) -> str:
+        """Base of the output file names: the folder name."""
+        return self.dir.resolve().name
+
+    def _parts(self) -> list[Path]:
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise UserError(f"{index} is not a valid safetensors index ({exc}). Fix: restore it from the "
+                                "model's source, or re-save the model with save_pretrained.") from exc
+            parts = [self.dir / p for p in sorted(set(weight_map.values()))]
+            missing = [p.name for p in parts if not p.is_file()]
+            if missing:
+                raise UserError(f"{self.dir} misses weight files listed in its index: {', '.join(missing)}. "
+                                "Fix: finish the download or copy, then run again.")
+            return parts
+        parts = sorted(p for p in self.dir.iterdir() if p.name.startswith("model") and p.suffix == ".safetensors")
+        if not parts:
+            raise UserError(f"{self.dir} has no model*.safetensors weights. Fix: save the model with "
+                            "save_pretrained(..., safe_serialization=True) or use the merge step's output.")
+        return parts
+
+    def _index(self) -> list[_Tensor]:
+        tensors: list[_Tensor] = []
+        freqs = archs.rope_freqs(self.arch, self.hparams)
+        if freqs is not None:
+            tensors.append(_Tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", tuple(freqs.shape),
+                                   data=freqs))
+        if self.merged is not None:
+            shapes = {name: tuple(shape) for name, (_, shape) in self.merged.shapes.items()}
+            return tensors + self._mapped(shapes, None)
+        for part in self._parts():
+            tensors += self._mapped(_Safetensors(part).shapes(), part)
+        return tensors
+
+    def _mapped(self, shapes: dict[str, tuple[int, ...]], part: Path | None) -> list[_Tensor]:
+        """GGUF tensors for HF tensors of one file, in name order (the reference's order)."""
+        tensors = []
+        for hf_name in sorted(shapes):
+            name = archs.gguf_tensor_name(self.arch, hf_name, self.n_blocks)
+            if name is not None:
+                heads = archs.qk_heads(self.arch, hf_name, self.hparams)
+                tensors.append(_Tensor(name, shapes[hf_name], hf_name, part, heads))
+        return tensors
+
+    def model_shape(self) -> recipes.ModelShape:
+        """The facts llama.cpp's type mix needs: layer and head counts, whether output.weight exists."""
+        return recipes.ModelShape(
+            n_layer=self.n_blocks,
+            n_head=archs.find_hparam(self.hparams, ["num_attention_heads", "n_head", "n_heads"]),
+            n_head_kv=archs.find_hparam(self.hparams, ["num_key_value_heads", "n_kv_heads"])
+            or archs.find_hparam(self.hparams, ["num_attention_heads", "n_head", "n_heads"]),
+            has_output=any(t.name == "output.weight" for t in self.tensors),
+        )
+
+
+def resolve_method(name: str) -> recipes.Method:
+    """A method by name (``recipes.resolve``: case-insensitive, aliases, closest-name suggestion)."""
+    return recipes.resolve(name)
+
+
+def _nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
+    return int(np.prod(gguf.quant_shape_to_byte_shape(shape, qtype), dtype=np.int64))
+
+
+def _file_name(model: _Model, method: recipes.Method) -> str:
+    return f"{model.name}.{method.label}.gguf"
+
+
+class _Plan:
+    """Types per tensor for one method, and a GGUFWriter holding every tensor info and key/value."""
+
+    def __init__(self, model: _Model, method: recipes.Method, shape: recipes.ModelShape,
+                 split_max_size: int = 0) -> None:
+        self.method = method
+        self.types = [recipes.tensor_type(method, t.name, t.shape, shape) for t in model.tensors]
+        self.writer = gguf.GGUFWriter(None, model.arch.name, split_max_size=split_max_size)
+        for t, qtype in zip(model.tensors, self.types, strict=True):
+            self.writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), _nbytes(t.shape, qtype),
+                                        raw_dtype=qtype)
+        self.shard_of = [i for i, shard in enumerate(self.writer.tensors) for _ in shard]
+        """Index of the file each tensor goes to (GGUFWriter splits by size as llama.cpp's converter does)."""
+
+    def file_names(self, first: str) -> list[str]:
+        """llama.cpp's shard names for a file called ``first`` (just ``[first]`` unless split)."""
+        return [p.name for p in self.writer.format_shard_names(Path(first))]
+
+
+def _metadata(model: _Model, template: gguf.GGUFWriter) -> dict[str, Any]:
+    """Every key/value llama.cpp's converter writes (file type set per method later), in its order."""
+    writer = template
+    total, shared, expert, n_expert = writer.get_total_parameter_count()
+    meta = gguf.Metadata.load(None, model.dir, None, total)
+    generation = gguf.Metadata.load_generation_config(model.dir)
+    if "penalty_repeat" not in generation and "repetition_penalty" in generation:
+        meta.sampling_penalty_repeat = generation["repetition_penalty"]
+    if meta.name is None:
+        meta.name = model.dir.name
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, shared, expert, n_expert)
+    writer.add_type(gguf.GGUFType.MODEL)
+    meta.set_gguf_meta_model(writer)
+    archs.write_hparams(writer, model.arch, model.hparams, 0)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    vocabs.add_tokenizer(writer, model.tokenizer_dir, model.hparams, model.arch.vocab_order,
+                         model.arch.reads_add_prefix_space)
+    return dict(writer.kv_data[0])
+
+
+def _prepare(model: _Model, methods: list[recipes.Method], split_max_size: int = 0) -> list[_Plan]:
+    shape = model.model_shape()
+    plans = [_Plan(model, m, shape, split_max_size) for m in methods]
+    kv = _metadata(model, _Plan(model, methods[0], shape).writer)
+    for plan in plans:
+        plan.writer.kv_data[0].update(kv)
+        plan.writer.kv_data[0][gguf.Keys.General.FILE_TYPE] = gguf.GGUFValue(int(plan.method.file_type),
+                                                                             gguf.GGUFValueType.UINT32)
+    return plans
+
+
+def _serialize(writer: gguf.GGUFWriter) -> list[bytes]:
+    """Header, key/values and tensor infos of every file exactly as GGUFWriter writes them (no data padding)."""
+    import io
+
+    saved = [dict(kv) for kv in writer.kv_data]
+    buffers = [io.BytesIO() for _ in writer.tensors]
+    writer.fout = buffers
+    writer.state = gguf.gguf_writer.WriterState.EMPTY
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+    finally:
+        writer.fout = None
+        writer.state = gguf.gguf_writer.WriterState.NO_FILE
+        writer.kv_data = saved
+    return [b.getvalue() for b in buffers]
+
+
+def _measure(plan: _Plan, model: _Model, file_name: str, heads: list[bytes]) -> GGUFLayout:
+    """Exact layout from the serialized heads and the aligned size of every tensor's data."""
+    align = plan.writer.data_alignment
+    ends = [gguf.GGUFWriter.ggml_pad(len(h), align) for h in heads]
+    tensors = []
+    for t, qtype, shard in zip(model.tensors, plan.types, plan.shard_of, strict=True):
+        nbytes = _nbytes(t.shape, qtype)
+        tensors.append(TensorLayout(t.name, t.shape, qtype, nbytes, ends[shard], shard))
+        ends[shard] += gguf.GGUFWriter.ggml_pad(nbytes, align)
+    names = plan.file_names(file_name)
+    return GGUFLayout(plan.method.name, names[0], sum(ends), gguf.GGUFWriter.ggml_pad(len(heads[0]), align),
+                      tuple(tensors), tuple(zip(names, ends, strict=True)))
+
+
+def layout(model_dir: str | os.PathLike[str], method: str | recipes.Method,
+           split_max_size: int | None = None, adapter: str | os.PathLike[str] | None = None) -> GGUFLayout:
+    """The exact file(s) ``convert`` would write for one method: sizes, offsets, types (no weights read)."""
+    model = _Model(model_dir, adapter)
+    m = resolve_method(method) if isinstance(method, str) else method
+    plan = _prepare(model, [m], split_max_size or 0)[0]
+    return _measure(plan, model, _file_name(model, m), _serialize(plan.writer))
+
+
+def _load(t: _Tensor, model: _Model, handles: dict[Path, _Safetensors], rows: slice) -> torch.Tensor:
+    """Rows of one tensor as float32 (merged with the adapter if any), transformed as llama.cpp expects."""
+    if t.data is not None:
+        return t.data[rows]
+    if model.merged is not None:
+        x = model.merged.get(t.hf_name)[rows].to(torch.float32)
+    else:
+        x = handles[t.part].rows(t.hf_name, rows).to(torch.float32)
+    if t.heads is not None:
+        x = archs.permute_qk(x, t.heads)
+    return x.contiguous()
+
+
+_TORCH_FLOATS = {gguf.GGMLQuantizationType.F32: torch.float32, gguf.GGMLQuantizationType.F16: torch.float16,
+                 gguf.GGMLQuantizationType.BF16: torch.bfloat16}
+
+
+def _encode(x: torch.Tensor, qtype: gguf.GGMLQuantizationType, device: str | None) -> np.ndarray:
+    """Bytes of ``x`` as ``qtype``. Float types use torch's casts (round-to-nearest-even, the same bits as
+    gguf-py's numpy code for finite values, several times faster); block types go to ``quants.quantize``."""
+    if qtype not in _TORCH_FLOATS:
+        return quants.quantize(x, qtype, device=device)
+    if not bool(torch.isfinite(x.sum())):  # a NaN or Inf anywhere makes the sum non-finite (cheap check)
+        return quants.quantize(x, qtype, device=device)  # checks exactly; raises its UserError on NaN/Inf
+    return x.to(_TORCH_FLOATS[qtype]).contiguous().view(torch.uint8).numpy()
+
+
+def _row_chunks(t: _Tensor, model: _Model) -> list[slice]:
+    """Row ranges read at once: whole tensors when permuted, merged or 1-D, else about CHUNK_ELEMENTS."""
+    if len(t.shape) < 2 or t.heads is not None or model.merged is not None:
+        return [slice(None)]
+    row = int(np.prod(t.shape[1:]))
+    step = max(1, CHUNK_ELEMENTS // max(row, 1))
+    return [slice(r, min(r + step, t.shape[0])) for r in range(0, t.shape[0], step)]
+
+
+def _read_tensor_infos(path: Path) -> tuple[int, list[tuple[str, tuple[int, ...], int, int]]]:
+    """Parse a GGUF file's header: key/values skipped, tensor infos returned as (name, shape, type, offset)
+    with the shape in torch order; also the absolute offset where data starts."""
+    import struct
+
+    scalar = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    with open(path, "rb") as f:
+        data = f.read(1 << 20)
+        magic, version, n_tensors, n_kv = struct.unpack_from("<IIQQ", data, 0)
+        if magic != gguf.GGUF_MAGIC or version != gguf.GGUF_VERSION:
+            raise RuntimeError(f"{path} does not start with a GGUF v{gguf.GGUF_VERSION} header")
+        pos = 24
+
+        def need(n: int) -> None:
+            nonlocal data
+            while pos + n > len(data):
+                more = f.read(max(n, 1 << 22))
+                if not more:
+                    raise RuntimeError(f"{path} ends inside its header")
+                data += more
+
+        def string() -> str:
+            nonlocal pos
+            need(8)
+            (n,) = struct.unpack_from("<Q", data, pos)
+            need(8 + n)
+            pos += 8 + n
+            return data[pos - n:pos].decode("utf-8", errors="replace")
+
+        def skip(vtype: int) -> None:
+            nonlocal pos
+            if vtype == 8:
+                string()
+            elif vtype == 9:
+                need(12)
+                sub, count = struct.unpack_from("<IQ", data, pos)
+                pos += 12
+                if sub in scalar:
+                    need(count * scalar[sub])
+                    pos += count * scalar[sub]
+                else:
+                    for _ in range(count):
+                        skip(sub)
+            else:
+                need(scalar[vtype])
+                pos += scalar[vtype]
+
+        for _ in range(n_kv):
+            string()
+            need(4)
+            (vtype,) = struct.unpack_from("<I", data, pos)
+            pos += 4
+            skip(vtype)
+        infos = []
+        for _ in range(n_tensors):
+            name = string()
+            need(4)
+            (n_dims,) = struct.unpack_from("<I", data, pos)
+            need(4 + 8 * n_dims + 12)
+            dims = struct.unpack_from(f"<{n_dims}Q", data, pos + 4)
+            qtype, offset = struct.unpack_from("<IQ", data, pos + 4 + 8 * n_dims)
+            pos += 4 + 8 * n_dims + 12
+            infos.append((name, tuple(reversed(dims)), qtype, offset))
+    return gguf.GGUFWriter.ggml_pad(pos, gguf.GGUF_DEFAULT_ALIGNMENT), infos
+
+
+def _validate(path: Path, expected: GGUFLayout, shard: int) -> None:
+    """Read a written file's header back and check it describes the file we meant to write."""
+    size = path.stat().st_size
+    data_start, infos = _read_tensor_infos(path)
+    tensors = [t for t in expected.tensors if t.shard == shard]
+    problems = []
+    if size != expected.shards[shard][1]:
+        problems.append(f"size {size} != {expected.shards[shard][1]}")
+    if len(infos) != len(tensors):
+        problems.append(f"{len(infos)} tensors != {len(tensors)}")
+    for (name, shape, qtype, offset), want in zip(infos, tensors, strict=False):
+        if (name, shape, qtype, data_start + offset) != (want.name, want.shape, int(want.qtype), want.offset):
+            problems.append(f"tensor {name}: type {qtype} {shape} @ {data_start + offset}, expected "
+                            f"{want.name} {want.qtype.name} {want.shape} @ {want.offset}")
+            break
+    if problems:
+        raise RuntimeError(f"{path} failed validation after writing: {'; '.join(problems)}")
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"Cannot create the output folder {out_dir} ({exc.strerror}). Fix: choose a folder "
+                        "you can write to with --out.") from exc
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise UserError(f"The output folder {out_dir} is not writable. Fix: choose a folder you can write to "
+                        "with --out, or change its permissions.")
+
+
+def convert(model_dir: str | os.PathLike[str], methods: list[str], out_dir: str | os.PathLike[str], *,
+            adapter: str | os.PathLike[str] | None = None, device: str | None = None,
+            split_max_size: int | None = None, progress: bool = True) -> list[ConvertResult]:
+    """Write ``out_dir/<name>.<METHOD>.gguf`` for every method, reading the safetensors once for all of them.
+
+    ``device`` is where quantization runs ("cuda" or "cpu"; default: the quantizer's choice).
+    ``split_max_size`` (bytes) splits each output the way llama.cpp's converter does (``-00001-of-0000n``
+    names, ``split.*`` keys). ``adapter`` (a peft LoRA folder) is fused while converting, tensor by tensor,
+    giving the same file as merging first (``merge.merge``) and converting the merged folder.
+    Each file is written as ``<final>.tmp-<pid>``, read back and checked, then renamed: an earlier file of
+    the same name is replaced only by a complete one, and a failed run leaves no file behind.
+    """
+    if not methods:
+        raise UserError("No GGUF method given. Fix: pass at least one, e.g. --quant q8_0.")
+    resolved = [resolve_method(m) if isinstance(m, str) else m for m in methods]
+    resolved = list({m.name: m for m in resolved}.values())
+    model = _Model(model_dir, adapter, device)
+    out = Path(out_dir).expanduser()
+    _check_out_dir(out)
+    plans = _prepare(model, resolved, split_max_size or 0)
+    started = time.perf_counter()
+    heads = [_serialize(p.writer) for p in plans]
+    layouts = [_measure(p, model, _file_name(model, p.method), h) for p, h in zip(plans, heads, strict=True)]
+    finals = [[out / name for name, _ in lay.shards] for lay in layouts]
+    temps = [[f.with_name(f"{f.name}.tmp-{os.getpid()}") for f in files] for files in finals]
+    try:
+        _write(model, plans, heads, temps, device, progress)
+        for files, expected in zip(temps, layouts, strict=True):
+            for shard, temp in enumerate(files):
+                _validate(temp, expected, shard)
+        for files, names in zip(temps, finals, strict=True):
+            for temp, final in zip(files, names, strict=True):
+                os.replace(temp, final)
+    except OSError as exc:
+        raise UserError(f"Writing GGUF files to {out} failed: {exc.strerror or exc}. Fix: free disk space or "
+                        "choose another --out folder; nothing was left under a final name.") from exc
+    finally:
+        for temp in (t for files in temps for t in files):
+            temp.unlink(missing_ok=True)
+    seconds = time.perf_counter() - started
+    return [ConvertResult(p.method.name, files[0], sum(f.stat().st_size for f in files), seconds,
+                          len(model.tensors), tuple(files))
+            for p, files in zip(plans, finals, strict=True)]
+
+
+def _pad(fout: Any) -> None:
+    """Zero bytes up to the next data alignment boundary, as GGUFWriter pads."""
+    pos = fout.tell()
+    fout.write(bytes(gguf.GGUFWriter.ggml_pad(pos, gguf.GGUF_DEFAULT_ALIGNMENT) - pos))
+
+
+def _write(model: _Model, plans: list[_Plan], heads: list[list[bytes]], temps: list[list[Path]],
+           device: str | None, progress: bool) -> None:
+    """Stream every tensor once from the safetensors into all the files (heads first, then aligned data)."""
+    total = sum(int(np.prod(t.shape)) for t in model.tensors)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, unit="param", unit_scale=True, desc=f"GGUF {model.name}", leave=False)
+    files: list[list[Any]] = []
+    handles = {}
+    try:
+        for plan_heads, plan_temps in zip(heads, temps, strict=True):
+            files.append([])
+            for head, temp in zip(plan_heads, plan_temps, strict=True):
+                files[-1].append(open(temp, "wb"))
+                files[-1][-1].write(head)
+        for part in sorted({t.part for t in model.tensors if t.part is not None}):
+            handles[part] = _Safetensors(part)
+        for i, t in enumerate(model.tensors):
+            outs = [plan_files[plan.shard_of[i]] for plan, plan_files in zip(plans, files, strict=True)]
+            for fout in outs:
+                _pad(fout)
+            for rows in _row_chunks(t, model):
+                try:
+                    x = _load(t, model, handles, rows)
+                except Exception as exc:
+                    raise UserError(f"Reading tensor {t.hf_name} from {t.part} failed ({exc}). The file may be "
+                                    "corrupt. Fix: download or save the model again.") from exc
+                for plan, fout in zip(plans, outs, strict=True):
+                    _encode(x, plan.types[i], device).tofile(fout)
+                if bar is not None:
+                    bar.update(x.numel())
+        for fout in (f for plan_files in files for f in plan_files):
+            _pad(fout)
+    finally:
+        if bar is not None:
+            bar.close()
+        for fout in (f for plan_files in files for f in plan_files):
+            fout.close()
+        for handle in handles.values():
+            handle.close()
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def _parse_size(text: str) -> int:
+    units = {"K": 1000, "M": 1000**2, "G": 1000**3}
+    value = text.strip().upper().rstrip("B")
+    try:
+        return int(float(value[:-1]) * units[value[-1]]) if value[-1:] in units else int(value)
+    except ValueError:
+        raise UserError(f"--split-max-size {text!r} is not a size. Fix: write it like 2G, 500M or 1000000.") from None
+
+
+def convert_with_llamacpp(model_dir: str | os.PathLike[str], methods: list[str],
+                          out_dir: str | os.PathLike[str]) -> list[ConvertResult]:
+    """Run llama.cpp's own converter (from the llama-cpp-python sdist) for each method it supports."""
+    from unsloth_nb.gguf import llamacpp
+
+    model = Path(model_dir).expanduser()
+    if not (model / "config.json").is_file():
+        raise UserError(f"{model} is not a Hugging Face model folder (no config.json). Fix: pass the folder "
+                        "that holds config.json and the *.safetensors weights.")
+    out = Path(out_dir).expanduser()
+    _check_out_dir(out)
+    tree = llamacpp.source_tree()
+    results = []
+    for name in methods:
+        m = resolve_method(name)
+        if m.name not in ("f32", "f16", "bf16", "q8_0"):
+            raise UserError(f"llama.cpp's converter writes only f32, f16, bf16 and q8_0, not {m.name}. Fix: use "
+                            "the native backend for K-quants.")
+        final = out / f"{model.resolve().name}.{m.name.upper()}.gguf"
+        temp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+        env = dict(os.environ, PYTHONPATH=str(tree / "gguf-py"))
+        cmd = [sys.executable, str(tree / "convert_hf_to_gguf.py"), str(model), "--outtype", m.name,
+               "--outfile", str(temp)]
+        started = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise UserError(f"llama.cpp's converter failed for {m.name}: {proc.stderr.strip()[-600:]}")
+            os.replace(temp, final)
+        finally:
+            temp.unlink(missing_ok=True)
+        n = len(gguf.GGUFReader(final).tensors)
+        results.append(ConvertResult(m.name, final, final.stat().st_size, time.perf_counter() - started, n))
+    return results
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """``python -m unsloth_nb gguf MODEL_DIR --quant q8_0,bf16 --out DIR``: one line per file written."""
+    methods = [m for m in (s.strip() for s in args.quant.split(",")) if m]
+    split = _parse_size(args.split_max_size) if getattr(args, "split_max_size", None) else None
+    if getattr(args, "backend", "native") == "llama.cpp":
+        if args.adapter or split:
+            raise UserError("--adapter and --split-max-size work only with the native backend.")
+        results = convert_with_llamacpp(args.model, methods, args.out)
+    else:
+        results = convert(args.model, methods, args.out, adapter=args.adapter, device=args.device,
+                          split_max_size=split, progress=sys.stderr.isatty())
+    for r in results:
+        for path in r.shards or (r.path,):
+            print(f"{path}  {_human(path.stat().st_size)}  {r.seconds:.1f} s")
+    return 0

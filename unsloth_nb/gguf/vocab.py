@@ -1,0 +1,251 @@
+"""Tokenizer metadata for GGUF: the ``tokenizer.ggml.*`` keys llama.cpp's converter writes for a model.
+
+Three readers, tried in the order an architecture asks for: SentencePiece (``tokenizer.model``: tokens,
+scores, token types), Llama-style HF BPE with byte fallback (gguf-py's ``LlamaHfVocab``) and byte-level BPE
+(``gpt2``: tokens, token types, merges and the pre-tokenizer name found by hashing a check text, see
+``bpe_pre``). Special token ids, add_bos/add_eos and the chat template come from gguf-py's ``SpecialVocab``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from hashlib import sha256
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from unsloth_nb.errors import UserError
+from unsloth_nb.gguf.bpe_pre import CHECK_TEXT, PRE_BY_HASH
+
+logger = logging.getLogger(__name__)
+
+# SentencePiece token types as llama.cpp numbers them (gguf.TokenType)
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+
+def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, Any],
+                  order: tuple[str, ...], reads_add_prefix_space: bool) -> None:
+    """Write every tokenizer key for the model folder, trying the readers in ``order``."""
+    config = _read_json(model_dir / "tokenizer_config.json")
+    if reads_add_prefix_space and (prefix := config.get("add_prefix_space")) is not None:
+        writer.add_add_space_prefix(prefix)
+    readers: dict[str, Callable[[], bool]] = {
+        "sentencepiece": lambda: _sentencepiece(writer, model_dir, hparams, config),
+        "llama_hf": lambda: _llama_hf(writer, model_dir),
+        "gpt2": lambda: _gpt2(writer, model_dir, hparams),
+    }
+    for name in order:
+        if readers[name]():
+            return
+    raise UserError(
+        f"{model_dir} has no tokenizer that the GGUF writer can read (looked for {', '.join(order)}). Fix: copy "
+        "the base model's tokenizer files (tokenizer.json, tokenizer_config.json, tokenizer.model if any) "
+        "into the folder."
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _sentencepiece(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, Any],
+                   config: dict[str, Any]) -> bool:
+    """``llama`` vocabulary from tokenizer.model, padded to vocab_size; False when there is no such file."""
+    path = model_dir / "tokenizer.model"
+    if not path.is_file():
+        return False
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor()
+    sp.LoadFromFile(str(path))
+    n_vocab = hparams.get("vocab_size_per_layer_input") or hparams.get("vocab_size") or sp.vocab_size()
+    tokens = [f"[PAD{i}]".encode() for i in range(n_vocab)]
+    scores = [-10000.0] * n_vocab
+    types = [_UNUSED] * n_vocab
+    for i in range(min(sp.vocab_size(), n_vocab)):
+        tokens[i] = sp.IdToPiece(i).encode("utf-8")
+        scores[i] = sp.GetScore(i)
+        types[i] = (_UNKNOWN if sp.IsUnknown(i) else _CONTROL if sp.IsControl(i) else _UNUSED if sp.IsUnused(i)
+                    else _BYTE if sp.IsByte(i) else _NORMAL)
+    for text, i in _read_json(model_dir / "added_tokens.json").items():
+        if i < n_vocab:
+            tokens[i], scores[i], types[i] = text.encode("utf-8"), -1000.0, _USER_DEFINED
+    for key, data in config.get("added_tokens_decoder", {}).items():
+        i, text = int(key), data["content"]
+        if i >= n_vocab:
+            continue
+        if data.get("special") or looks_special(text):
+            types[i] = _CONTROL
+        else:
+            text = text.replace("\u2581", " ")
+            types[i] = _USER_DEFINED
+        scores[i], tokens[i] = -1000.0, text.encode("utf-8")
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    _special_vocab(model_dir, load_merges=False, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    return True
+
+
+def _llama_hf(writer: gguf.GGUFWriter, model_dir: Path) -> bool:
+    """``llama`` vocabulary from a Llama-style tokenizer.json (BPE with byte fallback); False if not one."""
+    try:
+        vocab = gguf.LlamaHfVocab(model_dir)
+    except (FileNotFoundError, TypeError):
+        return False
+    tokens, scores, types = [], [], []
+    for text, score, toktype in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(toktype)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    _special_vocab(model_dir, load_merges=False, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    return True
+
+
+def _gpt2(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, Any]) -> bool:
+    """``gpt2`` byte-level BPE vocabulary read through transformers' AutoTokenizer."""
+    if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "vocab.json").is_file():
+        return False
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    vocab: dict[str, int] = tokenizer.vocab
+    n_vocab = hparams.get("vocab_size", len(vocab))
+    if max(vocab.values()) >= n_vocab:
+        raise UserError(
+            f"The tokenizer in {model_dir} has ids up to {max(vocab.values())} but config.json says vocab_size "
+            f"{n_vocab}. Fix: use the tokenizer files that belong to this model."
+        )
+    pre = pre_tokenizer_name(tokenizer)
+    by_id = {i: text for text, i in vocab.items()}
+    added = tokenizer.get_added_vocab()
+    decoder = tokenizer.added_tokens_decoder
+    tokens: list[str] = []
+    types: list[int] = []
+    for i in range(n_vocab):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(_UNUSED)
+            continue
+        text = by_id[i]
+        if text in added:
+            if not decoder[i].normalized:
+                text = tokenizer.decode(tokenizer.encode(text, add_special_tokens=False))
+            if decoder[i].special or looks_special(text):
+                types.append(_CONTROL)
+            else:
+                text = text.replace("\u2581", " ")
+                types.append(_USER_DEFINED)
+        else:
+            types.append(_NORMAL)
+        tokens.append(text)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    _special_vocab(model_dir, load_merges=True).add_to_gguf(writer, quiet=True)
+    return True
+
+
+def pre_tokenizer_name(tokenizer: Any) -> str:
+    """llama.cpp's name for a BPE pre-tokenizer (hash of the check text's ids); "default" when unknown."""
+    digest = sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
+    name = PRE_BY_HASH.get(digest)
+    if name is None:
+        logger.warning(
+            "\n" + "*" * 100 + "\n** WARNING: this BPE pre-tokenizer is not one llama.cpp knows (check-text hash "
+            f"{digest}).\n** It is written as 'default': llama.cpp will split text differently from the HF "
+            "tokenizer and\n** generation quality may suffer. llama.cpp's own converter refuses such a model.\n"
+            + "*" * 100
+        )
+        return "default"
+    return name
+
+
+def looks_special(text: str) -> bool:
+    """Added tokens llama.cpp treats as control tokens even when not marked special (``<|...|>`` and a few)."""
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (text.startswith("<|") and text.endswith("|>"))
+            or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))
+            or (text.startswith("<unused") and text.endswith(">")))
+
+
+def _special_vocab(model_dir: Path, *, load_merges: bool, n_vocab: int | None = None) -> gguf.SpecialVocab:
+    """gguf-py's SpecialVocab, with the newer llama.cpp rules for add_bos/add_eos and normalizer flags."""
+    special = gguf.SpecialVocab(model_dir, load_merges=load_merges, n_vocab=n_vocab)
+    tokenizer = _read_json(model_dir / "tokenizer.json")
+    config = _read_json(model_dir / "tokenizer_config.json")
+    special.add_special_token.update(_post_processor_flags(tokenizer, config))
+    lowercase, strip_accents = _normalizer_flags(tokenizer.get("normalizer") or {})
+    special.normalizer_flags = {"tokenizer.ggml.normalizer_lowercase": lowercase,
+                                "tokenizer.ggml.normalizer_strip_accents": strip_accents}
+    return _SpecialVocabWithNormalizer(special)
+
+
+def _post_processor_flags(tokenizer: dict[str, Any], config: dict[str, Any]) -> dict[str, bool]:
+    """add_bos/add_eos as tokenizer.json's post-processor implies them; llama.cpp lets these win over
+    tokenizer_config.json's add_*_token (a byte-level post-processor alone means neither is added)."""
+    flags: dict[str, bool] = {}
+    post = tokenizer.get("post_processor") or {}
+    bos, cls = config.get("bos_token"), config.get("cls_token")
+    bos = bos or cls
+    for processor in post.get("processors", [post]) if post else []:
+        kind = processor.get("type")
+        if kind == "ByteLevel":
+            flags.setdefault("bos", False)
+            flags.setdefault("eos", False)
+        elif kind == "RobertaProcessing":
+            flags.update(bos=True, eos=True, sep=True)
+        elif kind == "TemplateProcessing":
+            single = processor.get("single", [])
+            if len(single) > 1:
+                if first := single[0].get("SpecialToken", {}).get("id"):
+                    flags["bos"] = (not config) or first in (bos, cls) or not bos
+                if single[-1].get("SpecialToken", {}).get("id"):
+                    flags["eos"] = True
+    return flags
+
+
+def _normalizer_flags(normalizer: dict[str, Any]) -> tuple[bool | None, bool | None]:
+    """(lowercase, strip_accents) from a tokenizers normalizer description."""
+    lowercase = strip = None
+    kind = normalizer.get("type")
+    if kind == "Lowercase":
+        lowercase = True
+    elif kind == "StripAccents":
+        strip = True
+    elif kind == "BertNormalizer":
+        lowercase = normalizer.get("lowercase")
+        strip = normalizer.get("strip_accents")
+    elif kind == "Sequence":
+        for inner in normalizer.get("normalizers", []):
+            low, acc = _normalizer_flags(inner)
+            lowercase = low if low is not None else lowercase
+            strip = acc if acc is not None else strip
+    return lowercase, strip
+
+
+class _SpecialVocabWithNormalizer:
+    """Writes a SpecialVocab, then the normalizer flags (keys PyPI gguf 0.19 has no helper for)."""
+
+    def __init__(self, special: gguf.SpecialVocab) -> None:
+        self.special = special
+
+    def add_to_gguf(self, writer: gguf.GGUFWriter, quiet: bool = False) -> None:
+        self.special.add_to_gguf(writer, quiet=quiet)
+        for key, value in self.special.normalizer_flags.items():
+            if value is not None:
+                writer.add_bool(key, value)
