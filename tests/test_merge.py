@@ -8,35 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from lora_helpers import ALL_PROJECTIONS, make_adapter
+from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unsloth_nb.errors import UserError
 from unsloth_nb.merge import MergeSettings, merge, parse_size
-
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def make_adapter(base: Path, out: Path, dtype=torch.float32, seed: int = 0, **lora) -> Path:
-    """A peft adapter with random non-zero A and B (as after training), saved the way peft saves it."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-    if lora.pop("add_tokens", False):
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        tokenizer.add_tokens(["<|tool|>", "<|memo|>", "<|z|>"])
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        tokenizer.save_pretrained(out)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=ALL_PROJECTIONS, init_lora_weights=False, **lora)
-    peft_model = get_peft_model(model, config)
-    for name, param in peft_model.named_parameters():
-        if param.requires_grad:
-            with torch.no_grad():
-                param.copy_((torch.randn_like(param, dtype=torch.float32) * 0.05).to(dtype))
-                if "lora_" in name:
-                    param.data = param.data.to(dtype)
-    peft_model.save_pretrained(out)
-    return out
 
 
 def peft_merged(base: Path, adapter: Path, out: Path | None = None):
