@@ -19,7 +19,8 @@ lint: $(DEV_STAMP)
 	$(BIN)/ruff check unsloth_nb tests benchmarks
 
 bench: $(DEV_STAMP)
-	$(BIN)/python -m benchmarks
+	$(BIN)/python benchmarks/merge_vs_peft.py
+	$(BIN)/python benchmarks/gguf_vs_llamacpp.py
 
 install: $(DEV_STAMP)
 
