@@ -489,7 +489,8 @@ def _check_out_dir(out_dir: Path) -> None:
 
 def convert(model_dir: str | os.PathLike[str], methods: list[str], out_dir: str | os.PathLike[str], *,
             adapter: str | os.PathLike[str] | None = None, device: str | None = None,
-            split_max_size: int | None = None, progress: bool = True) -> list[ConvertResult]:
+            split_max_size: int | None = None, progress: bool = True,
+            check_space: bool = True) -> list[ConvertResult]:
     """Write ``out_dir/<name>.<METHOD>.gguf`` for every method, reading the safetensors once for all of them.
 
     ``device`` is where quantization runs ("cuda" or "cpu"; default: the quantizer's choice).
@@ -497,7 +498,9 @@ def convert(model_dir: str | os.PathLike[str], methods: list[str], out_dir: str 
     names, ``split.*`` keys). ``adapter`` (a peft LoRA folder) is fused while converting, tensor by tensor,
     giving the same file as merging first (``merge.merge``) and converting the merged folder.
     Each file is written as ``<final>.tmp-<pid>``, read back and checked, then renamed: an earlier file of
-    the same name is replaced only by a complete one, and a failed run leaves no file behind.
+    the same name is replaced only by a complete one, and a failed run leaves no file behind. Before writing,
+    the exact sizes are checked against the folder's free space (as the planner counts it: Kaggle's 20 GB cap
+    included); ``check_space=False`` skips that, for fault-injection tests only.
     """
     if not methods:
         raise UserError("No GGUF method given. Fix: pass at least one, e.g. --quant q8_0.")
@@ -512,6 +515,8 @@ def convert(model_dir: str | os.PathLike[str], methods: list[str], out_dir: str 
     layouts = [_measure(p, model, _file_name(model, p.method), h) for p, h in zip(plans, heads, strict=True)]
     finals = [[out / name for name, _ in lay.shards] for lay in layouts]
     temps = [[f.with_name(f"{f.name}.tmp-{os.getpid()}") for f in files] for files in finals]
+    if check_space:
+        _check_space(out, sum(lay.size for lay in layouts))
     try:
         _write(model, plans, heads, temps, device, progress)
         for files, expected in zip(temps, layouts, strict=True):
@@ -530,6 +535,19 @@ def convert(model_dir: str | os.PathLike[str], methods: list[str], out_dir: str 
     return [ConvertResult(p.method.name, files[0], sum(f.stat().st_size for f in files), seconds,
                           len(model.tensors), tuple(files))
             for p, files in zip(plans, finals, strict=True)]
+
+
+def _check_space(out: Path, need: int) -> None:
+    """Refuse before writing when the files cannot fit where they go."""
+    from unsloth_nb import runtime
+
+    free = runtime.detect().free_disk(out)
+    if need > free:
+        raise UserError(
+            f"The GGUF files need {runtime.gb(need)} in {out}, which has {runtime.gb(free)} free "
+            f"({runtime.gb(need - free)} short); nothing was written. Fix: convert fewer methods, free some space, or "
+            "choose another folder with --out (`python -m unsloth_nb plan MODEL --quant ...` shows what fits where)."
+        )
 
 
 def _pad(fout: Any) -> None:
