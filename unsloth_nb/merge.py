@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unsloth_nb import plan as planner
 from unsloth_nb.errors import UserError
 
 ADAPTER_PREFIX = "base_model.model."
@@ -63,24 +64,13 @@ def _itemsize(st_dtype: str) -> int:
 
 
 def read_header(path: Path) -> dict[str, dict]:
-    """The JSON header of a safetensors file (no tensor data is read)."""
-    try:
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > 100 * 1024**2:
-                raise ValueError("header too large")
-            header = json.loads(handle.read(length))
-        size = path.stat().st_size
-    except (OSError, ValueError, struct.error) as exc:
-        raise UserError(
-            f"{path} is not a readable safetensors file ({exc}). It may be truncated by an interrupted download "
-            "or copy. Fix: download or copy the model again."
-        ) from exc
-    header.pop("__metadata__", None)
+    """The tensors of a safetensors file from its header, refusing a file cut short (no data is read)."""
+    header, start = planner.read_header(path)
     end = max((info["data_offsets"][1] for info in header.values()), default=0)
-    if 8 + length + end > size:
+    size = path.stat().st_size
+    if start + end > size:
         raise UserError(
-            f"{path} is truncated: its header promises {8 + length + end} bytes but the file has {size}. "
+            f"{path} is truncated: its header promises {start + end} bytes but the file has {size}. "
             "Fix: download or copy the model again."
         )
     return header
@@ -449,9 +439,7 @@ def merge(base: str | Path, adapter: str | Path, out_dir: str | Path,
     model = MergedModel(Path(base), Path(adapter), settings.device)
     _check_output(out_dir, [model.base_dir.resolve(), model.adapter.path.resolve()])
     if settings.plan:
-        from unsloth_nb.plan import make_plan
-
-        make_plan(base, [], adapter=adapter, merged_out=out_dir, device=settings.device).require()
+        planner.make_plan(base, [], adapter=adapter, merged_out=out_dir, device=settings.device).require()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")

@@ -283,24 +283,34 @@ class Plan:
 # ---------------------------------------------------------------------------------------------- sizing
 
 
-def read_safetensors_header(path: str | os.PathLike) -> tuple[list[TensorInfo], int]:
-    """The tensors a .safetensors file declares and the byte size its data section must have.
+def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], int]:
+    """The JSON header of a .safetensors file (``__metadata__`` removed) and where its data section starts.
 
-    Reads only the 8-byte little-endian header length and the JSON header after it."""
+    The one place unsloth_nb parses safetensors headers: planning, merging, converting and serving use it.
+    Reads only the 8-byte little-endian header length and the JSON after it, so header-only files work."""
     path = Path(path)
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise UserError(f"{path} is not a safetensors file (shorter than 8 bytes). Fix: re-download it.")
-        (length,) = struct.unpack("<Q", raw)
-        if length > 100 * 2**20:
-            raise UserError(f"{path} is not a safetensors file (header length {length}). "
-                            f"Fix: re-download it.")
-        try:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise UserError(f"{path} is not a safetensors file (shorter than 8 bytes). Fix: re-download it.")
+            (length,) = struct.unpack("<Q", raw)
+            if length > 100 * 2**20:
+                raise UserError(f"{path} is not a safetensors file (header length {length}). Fix: re-download it.")
             header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(f"{path} has a damaged safetensors header ({exc}). Fix: re-download it.") from exc
+    except OSError as exc:
+        raise UserError(f"Cannot read {path} ({exc.strerror or exc}). Fix: check the path and permissions.") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} has a damaged safetensors header ({exc}). Fix: re-download it.") from exc
+    if not isinstance(header, dict):
+        raise UserError(f"{path} has a damaged safetensors header (not a JSON object). Fix: re-download it.")
     header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[list[TensorInfo], int]:
+    """The tensors a .safetensors file declares and the byte size its data section must have."""
+    header, start = read_header(path)
     tensors, end = [], 0
     for name, info in header.items():
         if info["dtype"] not in DTYPE_BYTES:
@@ -308,7 +318,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[list[TensorInfo], 
                             f"plan for.")
         tensors.append(TensorInfo(name, info["dtype"], tuple(int(d) for d in info["shape"])))
         end = max(end, int(info["data_offsets"][1]))
-    return tensors, 8 + length + end
+    return tensors, start + end
 
 
 def hf_cache_dir() -> Path:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from unsloth_nb.errors import UserError
+from unsloth_nb.plan import read_header
 from unsloth_nb.runtime import GPU, Runtime
 
 GIB = 1024**3
@@ -115,7 +116,7 @@ def read_model_facts(model_dir: str | os.PathLike[str]) -> ModelFacts:
     config = config.get("text_config", config)
     params = 0
     for shard in sorted(folder.glob("*.safetensors")):
-        params += sum(_numel(info["shape"]) for name, info in _safetensors_header(shard).items()
+        params += sum(_numel(info["shape"]) for name, info in read_header(shard)[0].items()
                       if name != "__metadata__")
     if params == 0:
         raise UserError(f"{folder} holds no *.safetensors weights. Fix: pass a merged folder saved with "
@@ -141,18 +142,6 @@ def _numel(shape: Sequence[int]) -> int:
     for d in shape:
         n *= int(d)
     return n
-
-
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 0 < size < 100 * 1024**2:
-                raise ValueError("bad header length")
-            return json.loads(f.read(size))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path} is not a readable safetensors file ({exc}). Fix: re-create it (a copy may "
-                        "have been cut short).") from exc
 
 
 @dataclass(frozen=True)

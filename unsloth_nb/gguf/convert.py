@@ -31,6 +31,7 @@ from unsloth_nb.errors import UserError
 from unsloth_nb.gguf import arch as archs
 from unsloth_nb.gguf import quants, recipes
 from unsloth_nb.gguf import vocab as vocabs
+from unsloth_nb.plan import read_header
 
 logger = logging.getLogger(__name__)
 
@@ -119,15 +120,9 @@ class _Safetensors:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.entries, self.base = read_header(path)
         try:
             size = path.stat().st_size
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                if n <= 0 or 8 + n > size:
-                    raise ValueError("header length beyond the end of the file")
-                header = json.loads(f.read(n))
-            self.base = 8 + n
-            self.entries = {k: v for k, v in header.items() if k != "__metadata__"}
             end = max((v["data_offsets"][1] for v in self.entries.values()), default=0)
             if self.base + end > size:
                 raise ValueError(f"data ends at byte {self.base + end} but the file has {size}")
