@@ -185,7 +185,15 @@ def looks_special(text: str) -> bool:
 
 def _special_vocab(model_dir: Path, *, load_merges: bool, n_vocab: int | None = None) -> gguf.SpecialVocab:
     """gguf-py's SpecialVocab, with the newer llama.cpp rules for add_bos/add_eos and normalizer flags."""
-    special = gguf.SpecialVocab(model_dir, load_merges=load_merges, n_vocab=n_vocab)
+    # gguf-py warns "Unknown separator token" for the pair template of Llama 2/3 tokenizers, which only
+    # matters for sentence-pair tasks; keep it out of users' notebooks.
+    gguf_logger = logging.getLogger("gguf.vocab")
+    level = gguf_logger.level
+    gguf_logger.setLevel(logging.ERROR)
+    try:
+        special = gguf.SpecialVocab(model_dir, load_merges=load_merges, n_vocab=n_vocab)
+    finally:
+        gguf_logger.setLevel(level)
     tokenizer = _read_json(model_dir / "tokenizer.json")
     config = _read_json(model_dir / "tokenizer_config.json")
     special.add_special_token.update(_post_processor_flags(tokenizer, config))
