@@ -30,3 +30,14 @@ def make_adapter(base: Path, out: Path, dtype=torch.float32, seed: int = 0, **lo
                     param.data = param.data.to(dtype)
     peft_model.save_pretrained(out)
     return out
+
+
+def other_base(tmp_path: Path, hidden: int) -> Path:
+    """A Llama-shaped base of another width (the fixtures all share one width): adapters do not fit it."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    folder = tmp_path / f"base{hidden}"
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
+    return folder

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_helpers import ALL_PROJECTIONS, make_adapter
+from lora_helpers import ALL_PROJECTIONS, make_adapter, other_base
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -142,29 +142,18 @@ def test_adapter_template_wins_and_quantization_config_is_dropped(llama2_dir, tm
     assert AutoTokenizer.from_pretrained(merged_dir).chat_template == tokenizer.chat_template
 
 
-def other_base(tmp_path: Path, hidden: int) -> Path:
-    """A Llama-shaped base of another width (the fixtures all share one width)."""
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    folder = tmp_path / f"base{hidden}"
-    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
-    return folder
-
-
 def test_bad_inputs_are_refused_without_touching_anything(llama2_dir, tmp_path) -> None:
     adapter = make_adapter(llama2_dir, tmp_path / "adapter")
     with pytest.raises(UserError, match=r"Shape mismatch for model\.layers\.0\..*trained on another model"):
         merge(other_base(tmp_path, 128), adapter, tmp_path / "o1", MergeSettings(progress=False))
     with pytest.raises(UserError, match="adapter_config.json"):
         merge(llama2_dir, tmp_path, tmp_path / "o2", MergeSettings(progress=False))
-    with pytest.raises(UserError, match="inside the input folder"):
+    with pytest.raises(UserError, match="overlaps the input folder"):
         merge(llama2_dir, adapter, adapter / "merged", MergeSettings(progress=False))
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "mine.txt").write_text("keep me")
-    with pytest.raises(UserError, match="not empty"):
+    with pytest.raises(UserError, match="files unsloth_nb did not write"):
         merge(llama2_dir, adapter, taken, MergeSettings(progress=False))
     assert (taken / "mine.txt").read_text() == "keep me"
     sharded = tmp_path / "sharded"
@@ -191,3 +180,18 @@ def test_merge_refused_by_the_planner_on_a_small_disk(llama2_dir, tmp_path) -> N
         assert list(disk.iterdir()) == []
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_hub_id_resolves_to_the_local_cache(llama2_dir, tmp_path, monkeypatch) -> None:
+    """A Hub id ("org/name") is read from the Hugging Face cache, never downloaded."""
+    snapshot = tmp_path / "hub" / "models--tiny-org--tiny-llama" / "snapshots" / "abc123"
+    shutil.copytree(llama2_dir, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    adapter = make_adapter(llama2_dir, tmp_path / "adapter")
+    by_id = merge("tiny-org/tiny-llama", adapter, tmp_path / "by_id", MergeSettings(progress=False))
+    by_folder = merge(llama2_dir, adapter, tmp_path / "by_folder", MergeSettings(progress=False))
+    assert by_id.shards[0].read_bytes() == by_folder.shards[0].read_bytes()
+    with pytest.raises(UserError, match="not in the Hugging Face cache"):
+        merge("tiny-org/absent", adapter, tmp_path / "o", MergeSettings(progress=False))

@@ -201,7 +201,7 @@ def test_hub_id_resolves_to_the_local_cache(models, tmp_path, monkeypatch):
     assert size.name == "Llama-3.2-1B"
     with pytest.raises(UserError, match="not in the Hugging Face cache"):
         planner.size_model("meta-llama/Llama-3.1-8B")
-    with pytest.raises(UserError, match="not a folder"):
+    with pytest.raises(UserError, match="does not exist"):
         planner.size_model(str(tmp_path / "no" / "such" / "folder"))
 
 

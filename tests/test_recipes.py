@@ -50,7 +50,7 @@ def test_resolve_aliases_and_case() -> None:
 def test_resolve_unknown_suggests() -> None:
     with pytest.raises(UserError, match="q4_k_m"):
         recipes.resolve("q4km")
-    with pytest.raises(UserError, match="Valid methods"):
+    with pytest.raises(UserError, match="valid methods"):
         recipes.resolve("int4")
 
 

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="LoRA adapter folder")
     p.add_argument("--out", required=True, help="merged model output folder")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing, non-empty output folder (never done unasked)")
 
     p = sub.add_parser("gguf", help=COMMANDS["gguf"][1])
     p.add_argument("model", metavar="MODEL_DIR", help="HF model folder (safetensors + config.json)")
@@ -59,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to quantize (default: cuda if present)")
     p.add_argument("--backend", choices=["native", "llama.cpp"], default="native", help="writer to use")
     p.add_argument("--split-max-size", default=None, help="split files larger than this (e.g. 2G)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace same-named files that unsloth_nb did not write (never done unasked)")
 
     p = sub.add_parser("serve", help=COMMANDS["serve"][1])
     p.add_argument("model", metavar="MODEL_DIR_OR_GGUF", help="merged folder or .gguf file")

@@ -115,6 +115,11 @@ def run(folder: str | Path = "unsloth_nb_demo", fresh: bool = False) -> bool:
     from unsloth_nb.merge import MergeSettings, merge
 
     root = Path(folder).resolve()
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{root} is a file; the demo needs a folder of its own. Fix: pass another --dir.")
+    if root.is_dir() and any(root.iterdir()) and not (root / ".unsloth_nb_demo").is_file():
+        raise UserError(f"{root} already holds files the demo did not make, and the demo never writes among your "
+                        "files. Fix: pass a new or empty folder with --dir.")
     if fresh and root.exists():
         if not (root / ".unsloth_nb_demo").is_file():
             raise UserError(f"{root} was not made by the demo, so --fresh will not delete it. Fix: pass another "
@@ -137,15 +142,13 @@ def run(folder: str | Path = "unsloth_nb_demo", fresh: bool = False) -> bool:
                                            lambda a: repr(a[:48]))
 
     merged_dir = root / "merged"
-    if not (merged_dir / "config.json").is_file():
-        demo.step("merge (streaming)", lambda: merge(base, result.adapter_dir, merged_dir, MergeSettings()),
-                  lambda r: f"{r.total_bytes / 1e6:.0f} MB")
+    demo.step("merge (streaming)", lambda: merge(base, result.adapter_dir, merged_dir, MergeSettings()),
+              lambda r: "kept from an earlier run" if r.reused else f"{r.total_bytes / 1e6:.0f} MB")
     gguf_dir = root / "gguf"
-    missing = [m for m in METHODS if not _gguf_path(gguf_dir, merged_dir, m).is_file()]
-    if missing:
-        demo.step("gguf " + ",".join(missing), lambda: convert.convert(merged_dir, missing, gguf_dir),
-                  lambda rs: ", ".join(f"{Path(r.path).name} {r.size / 1e6:.0f} MB" for r in rs))
-    ggufs = {m: _gguf_path(gguf_dir, merged_dir, m) for m in METHODS}
+    written = demo.step("gguf " + ",".join(METHODS), lambda: convert.convert(merged_dir, METHODS, gguf_dir),
+                        lambda rs: ", ".join(f"{Path(r.path).name} {r.size / 1e6:.0f} MB"
+                                             + (" (kept)" if r.reused else "") for r in rs))
+    ggufs = {r.method: Path(r.path) for r in written}
 
     report = demo.step("verify", lambda: verify.verify(base, [merged_dir, *ggufs.values()],
                                                        adapter=result.adapter_dir, prompts=[question]),
@@ -178,10 +181,6 @@ def run(folder: str | Path = "unsloth_nb_demo", fresh: bool = False) -> bool:
     print("\nRequired to keep the taught answer: " + ", ".join(MUST_KEEP) + ".")
     print("demo: OK" if ok else "demo: FAILED: the taught answer did not survive every required export")
     return ok
-
-
-def _gguf_path(gguf_dir: Path, model_dir: Path, method: str) -> Path:
-    return gguf_dir / f"{model_dir.name}.{method.upper()}.gguf"
 
 
 def _ask_peft(base: Path, adapter: Path, question: str) -> str:

@@ -9,6 +9,7 @@ base dtype and streamed into the output shard. The same :class:`MergedModel` fee
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unsloth_nb import manifest
 from unsloth_nb import plan as planner
 from unsloth_nb.errors import UserError
 
@@ -43,6 +45,9 @@ class MergeSettings:
     """Show a tqdm progress bar over tensors."""
     plan: bool = True
     """Ask the planner first and refuse before writing when RAM or disk cannot fit (off only to test faults)."""
+    overwrite: bool = False
+    """Replace an existing, non-empty output folder (never done unasked; a complete merge of the same inputs
+    is reused without this)."""
 
 
 @dataclass
@@ -227,11 +232,8 @@ class MergedModel:
     """
 
     def __init__(self, base_dir: Path, adapter_dir: Path | None = None, device: str | None = None):
-        self.base_dir = Path(base_dir)
+        self.base_dir = planner.resolve_model(base_dir)
         config_path = self.base_dir / "config.json"
-        if not self.base_dir.is_dir():
-            raise UserError(f"Base model folder {self.base_dir} does not exist. Fix: pass a local folder with "
-                            "config.json and safetensors weights (a Hub id must be downloaded first).")
         if not config_path.is_file():
             raise UserError(f"{self.base_dir} has no config.json, so it is not an HF model folder. Fix: pass the "
                             "folder that holds config.json and the *.safetensors files.")
@@ -244,6 +246,18 @@ class MergedModel:
         }
         if self.adapter is not None:
             self._check_adapter()
+
+    def shapes_nbytes(self, name: str) -> int:
+        """Bytes of one merged tensor as written (base dtype)."""
+        dtype, shape = self.shapes[name]
+        return math.prod(shape) * _itemsize(dtype)
+
+    def input_files(self) -> list[Path]:
+        """Every file the merged output depends on: base weights and config, adapter, tokenizer files."""
+        folders = [self.base_dir] + ([self.adapter.path] if self.adapter is not None else [])
+        side = [d / n for d in folders for n in ("config.json", "generation_config.json", "adapter_config.json",
+                                                  "adapter_model.safetensors", *TOKENIZER_FILES)]
+        return sorted({src.file for src in self.sources.values()}) + [p for p in side if p.is_file()]
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -394,7 +408,7 @@ class SafetensorsStreamWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self.expected = [name for name, _, _ in entries]
-        self.handle = open(path, "wb")
+        self.handle = manifest.HashingFile(path)
         self.handle.write(struct.pack("<Q", len(raw)) + raw)
 
     def write(self, name: str, tensor) -> None:
@@ -406,12 +420,12 @@ class SafetensorsStreamWriter:
         data = tensor.contiguous().cpu()
         if data.dtype == torch.bfloat16:
             data = data.view(torch.int16)
-        self.handle.write(data.numpy().tobytes())
+        self.handle.write(memoryview(data.numpy()).cast("B"))
 
-    def close(self) -> None:
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
+    def close(self) -> str:
+        """Flush and close; returns the file's sha256."""
         self.handle.close()
+        return self.handle.hexdigest()
 
 
 @dataclass
@@ -422,10 +436,12 @@ class MergeResult:
     shards: list[Path]
     total_bytes: int
     seconds: float
+    reused: bool = False
+    """True when ``out_dir`` already held a complete merge of the same inputs, which was kept."""
 
     def __str__(self) -> str:
-        return (f"merged model: {self.out_dir} ({len(self.shards)} shard(s), {self.total_bytes / 1e9:.2f} GB, "
-                f"{self.seconds:.1f} s)")
+        took = "complete from an earlier run, kept" if self.reused else f"{self.seconds:.1f} s"
+        return f"merged model: {self.out_dir} ({len(self.shards)} shard(s), {self.total_bytes / 1e9:.2f} GB, {took})"
 
 
 def merge(base: str | Path, adapter: str | Path, out_dir: str | Path,
@@ -437,56 +453,95 @@ def merge(base: str | Path, adapter: str | Path, out_dir: str | Path,
     started = time.perf_counter()
     out_dir = Path(out_dir).resolve()
     model = MergedModel(Path(base), Path(adapter), settings.device)
-    _check_output(out_dir, [model.base_dir.resolve(), model.adapter.path.resolve()])
+    shards = _plan_shards(model.shapes, settings.max_shard_size)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    total = sum(model.shapes_nbytes(n) for n in model.shapes)
+    inputs = manifest.fingerprint(model.input_files(), max_shard_size=settings.max_shard_size)
+    if _complete(out_dir, inputs):
+        return MergeResult(out_dir, [out_dir / n for n in names], total, 0.0, reused=True)
+    _check_output(out_dir, [model.base_dir.resolve(), model.adapter.path.resolve()], settings.overwrite)
     if settings.plan:
         planner.make_plan(base, [], adapter=adapter, merged_out=out_dir, device=settings.device).require()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    manifest.remove_stale(out_dir.parent, re.escape(f".{out_dir.name}.") + r"(partial|old)-(?P<pid>\d+)")
     partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    for stale in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # our own leftovers from an interrupted run
     partial.mkdir()
+    free_before = shutil.disk_usage(partial).free
     try:
-        shards = _plan_shards(model.shapes, settings.max_shard_size)
-        names = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
         bar = tqdm(total=len(model.shapes), desc="merge", unit="tensor", disable=not settings.progress)
-        total = 0
+        written: dict[str, tuple[int, str]] = {}
         for shard_name, members in zip(names, shards, strict=True):
             entries = [(n, *model.shapes[n]) for n in members]
             writer = SafetensorsStreamWriter(partial / shard_name, entries)
             try:
                 for name in members:
                     tensor = model.get(name)
-                    total += tensor.numel() * tensor.element_size()
                     writer.write(name, tensor)
                     del tensor
                     bar.update(1)
             finally:
-                writer.close()
+                digest = writer.close()
+            written[shard_name] = ((partial / shard_name).stat().st_size, digest)
         bar.close()
         if len(shards) > 1:
             index = {"metadata": {"total_size": total},
                      "weight_map": {n: f for f, members in zip(names, shards, strict=True) for n in members}}
             (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         _copy_side_files(model, partial)
-        if out_dir.exists():
-            out_dir.rmdir()  # _check_output allowed only an empty folder here
-        os.replace(partial, out_dir)
+        for path in partial.iterdir():
+            if path.name not in written:
+                written[path.name] = (path.stat().st_size, manifest.sha256_file(path))
+        manifest.record(partial, written, inputs)
+        _swap_in(partial, out_dir)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise UserError(f"Disk full: the merged model needs about {total / 1e9:.2f} GB in {out_dir.parent}, "
+                            f"which had {free_before / 1e9:.2f} GB free ({max(total - free_before, 0) / 1e9:.2f} GB "
+                            "more needed); nothing was left under the output name and earlier files are intact. "
+                            "Fix: free that much space, choose another --out folder, or skip the merged copy with "
+                            "the fused path (`gguf BASE --adapter ADAPTER`).") from exc
+        raise
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return MergeResult(out_dir, [out_dir / n for n in names], total, time.perf_counter() - started)
 
 
-def _check_output(out_dir: Path, inputs: list[Path]) -> None:
+def _complete(out_dir: Path, inputs: str) -> bool:
+    """True when ``out_dir`` holds a merge of the same inputs whose every recorded file checks out."""
+    recorded = manifest.load(out_dir)
+    return bool(recorded) and all(manifest.status(out_dir, name, inputs) == "complete" for name in recorded)
+
+
+def _swap_in(partial: Path, out_dir: Path) -> None:
+    """Put the finished folder under its final name in one rename (an old folder is replaced only when asked)."""
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(partial, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if out_dir.exists():
+        out_dir.rmdir()  # _check_output allowed only an empty folder here
+    os.replace(partial, out_dir)
+
+
+def _check_output(out_dir: Path, inputs: list[Path], overwrite: bool = False) -> None:
     for source in inputs:
-        if out_dir == source or source in out_dir.parents:
-            raise UserError(f"The output folder {out_dir} is inside the input folder {source}; writing there would "
+        if out_dir == source or source in out_dir.parents or out_dir in source.parents:
+            raise UserError(f"The output folder {out_dir} overlaps the input folder {source}; writing there would "
                             "mix the merged model with its inputs. Fix: choose an output folder outside it.")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UserError(f"The output folder {out_dir} already exists and is not empty; unsloth_nb never overwrites "
-                        "your files. Fix: choose a new folder, or delete the old one yourself.")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"The output path {out_dir} is a file, not a folder. Fix: choose a new folder name.")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        what = ("a merge of other inputs (the adapter or base changed since)" if manifest.load(out_dir)
+                else "files unsloth_nb did not write")
+        raise UserError(f"The output folder {out_dir} already exists and holds {what}; unsloth_nb never overwrites "
+                        "your files unasked. Fix: choose a new folder, delete the old one yourself, or pass "
+                        "overwrite=True (MergeSettings) to replace it.")
     parent = out_dir.parent
     while not parent.exists():
         parent = parent.parent
@@ -508,7 +563,8 @@ def _copy_side_files(model: MergedModel, dest: Path) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    settings = MergeSettings(max_shard_size=parse_size(args.max_shard_size))
+    settings = MergeSettings(max_shard_size=parse_size(args.max_shard_size),
+                             overwrite=getattr(args, "overwrite", False))
     result = merge(args.base, args.adapter, args.out, settings)
     print(result)
     return 0

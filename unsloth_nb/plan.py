@@ -337,10 +337,17 @@ def resolve_model(model: str | os.PathLike) -> Path:
     if path.is_dir():
         return path
     text = str(model)
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", text) or path.exists():
-        raise UserError(f"Model {text!r} is not a folder. Fix: pass the folder that holds config.json and "
-                        f"*.safetensors, or a Hub id like 'meta-llama/Llama-3.2-1B' that you downloaded "
-                        f"before.")
+    if path.is_file() and path.suffix == ".gguf":
+        raise UserError(f"{path} is a GGUF file, but this step reads a Hugging Face model folder (config.json and "
+                        "*.safetensors). Fix: pass the folder the GGUF was made from (the merged model); GGUF "
+                        "files are for `serve` and `verify`.")
+    if path.exists():
+        raise UserError(f"{path} is a file, not a model folder. Fix: pass the folder that holds config.json and "
+                        "*.safetensors.")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", text) or text.startswith((".", "/")):
+        raise UserError(f"The model folder {text} does not exist. Fix: pass the folder that holds config.json "
+                        "and *.safetensors, or a Hub id like 'meta-llama/Llama-3.2-1B' that you downloaded "
+                        "before.")
     repo = hf_cache_dir() / ("models--" + text.replace("/", "--"))
     snapshots = []
     ref = repo / "refs" / "main"
@@ -353,7 +360,7 @@ def resolve_model(model: str | os.PathLike) -> Path:
             return snap
     raise UserError(
         f"Model {text!r} is not a local folder and is not in the Hugging Face cache ({hf_cache_dir()}); "
-        f"the plan reads its safetensors headers and does not download them. Fix: download it first "
+        f"unsloth_nb reads models from local files and does not download them. Fix: download it first "
         f"(`huggingface-cli download {text}` or huggingface_hub.snapshot_download) or pass its folder."
     )
 

@@ -197,7 +197,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Rows of a jsonl file; a line that is not a JSON object is a UserError naming its line number."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"The dataset {path} does not exist. Pass a .jsonl file with one JSON object per line.")
+        raise UserError(f"The dataset {path} does not exist. Fix: pass a .jsonl file with one JSON object per "
+                        "line.")
     rows = []
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -206,11 +207,11 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"Line {number} of {path} is not valid JSON ({exc.msg}). Each line must be one "
+                raise UserError(f"Line {number} of {path} is not valid JSON ({exc.msg}). Fix: make each line one "
                                 f"JSON object such as {{\"messages\": [...]}}.") from None
             if not isinstance(row, dict):
-                raise UserError(f"Line {number} of {path} is a JSON {type(row).__name__}, not an object. Each line "
-                                f"must be one JSON object such as {{\"messages\": [...]}}.")
+                raise UserError(f"Line {number} of {path} is a JSON {type(row).__name__}, not an object. Fix: make "
+                                f"each line one JSON object such as {{\"messages\": [...]}}.")
             rows.append(row)
     return rows
 
@@ -224,7 +225,7 @@ def load_rows(data: str | os.PathLike | Iterable[Mapping]) -> list[dict]:
         rows = [dict(row) for row in data]
         where = "the dataset"
     if not rows:
-        raise UserError(f"{where} has no rows. Give at least one example in one of the shapes: messages, "
+        raise UserError(f"{where} has no rows. Fix: give at least one example in one of the shapes: messages, "
                         "conversations (ShareGPT), instruction/output (Alpaca) or text.")
     return rows
 
@@ -283,7 +284,7 @@ def normalize(row: Mapping, number: int) -> list[dict] | str:
     if "text" in row:
         return _text(row["text"], number, "text")
     raise UserError(f"Row {number} has none of the fields 'messages', 'conversations', 'instruction'/'output' or "
-                    f"'text' (it has: {', '.join(map(str, row)) or 'nothing'}). Use one shape for every row.")
+                    f"'text' (it has: {', '.join(map(str, row)) or 'nothing'}). Fix: use one shape for every row.")
 
 
 def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str:
@@ -503,8 +504,10 @@ def _finished(out: Path, fingerprint: str) -> TrainResult | None:
         if data.get("settings", {}).get("fingerprint") == fingerprint:
             data["adapter_dir"] = out
             return TrainResult(**data)
+    if not out.is_dir():
+        raise UserError(f"The output path {out} is a file, not a folder. Fix: choose a new --out folder.")
     raise UserError(f"The output folder {out} already exists and holds something else than this run's adapter. "
-                    "Choose a new --out folder (or delete that one yourself).")
+                    "Fix: choose a new --out folder (or delete that one yourself).")
 
 
 def _trainer_class(device: str) -> type:
@@ -704,7 +707,8 @@ def run_cli(args: argparse.Namespace) -> int:
     lora, settings = (DEMO_LORA, DEMO_SETTINGS) if demo else (LoraSettings(), TrainSettings())
     if args.max_steps is not None:
         if args.max_steps < 1:
-            raise UserError(f"--max-steps must be at least 1, not {args.max_steps}.")
+            raise UserError(f"--max-steps must be at least 1, not {args.max_steps}. Fix: pass a positive "
+                            "number of steps, or leave it out for the default budget.")
         settings = replace(settings, max_steps=args.max_steps)
     result = train(args.model, args.data, args.out, lora=lora, settings=settings)
     first = result.loss_history[0] if result.loss_history else math.nan

@@ -13,9 +13,12 @@ The metadata and tensors follow llama.cpp's reference converter for the same mod
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -27,11 +30,12 @@ import gguf
 import numpy as np
 import torch
 
+from unsloth_nb import manifest
 from unsloth_nb.errors import UserError
 from unsloth_nb.gguf import arch as archs
 from unsloth_nb.gguf import quants, recipes
 from unsloth_nb.gguf import vocab as vocabs
-from unsloth_nb.plan import read_header
+from unsloth_nb.plan import read_header, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +59,8 @@ class ConvertResult:
     """Number of tensors in the file (in all shards when split)."""
     shards: tuple[Path, ...] = ()
     """Every file written for this method: ``(path,)`` unless split."""
+    reused: bool = False
+    """True when a complete file from the same inputs was already there (see ``manifest``) and was kept."""
 
 
 @dataclass(frozen=True)
@@ -164,10 +170,7 @@ class _Model:
 
     def __init__(self, model_dir: str | os.PathLike[str], adapter: str | os.PathLike[str] | None = None,
                  device: str | None = None) -> None:
-        self.dir = Path(model_dir).expanduser()
-        if not self.dir.is_dir():
-            raise UserError(f"The model folder {self.dir} does not exist. Fix: pass the folder that holds "
-                            "config.json and the *.safetensors weights.")
+        self.dir = resolve_model(model_dir)
         self.hparams = archs.load_hparams(self.dir)
         self.arch = archs.find_arch(self.hparams, self.dir)
         self.n_blocks = archs.block_count(self.hparams)
@@ -189,6 +192,17 @@ class _Model:
     def name(self) -> str:
         """Base of the output file names: the folder name."""
         return self.dir.resolve().name
+
+    def input_files(self) -> list[Path]:
+        """Every file the output depends on: weights, config, tokenizer files, and the adapter when fused."""
+        from unsloth_nb.merge import TOKENIZER_FILES
+
+        folders = [self.dir, self.tokenizer_dir]
+        if self.merged is not None:
+            folders.append(self.merged.adapter.path)
+        side = [d / n for d in folders for n in ("config.json", "adapter_config.json", "adapter_model.safetensors",
+                                                  *TOKENIZER_FILES)]
+        return self._parts() + [p for p in side if p.is_file()]
 
     def _parts(self) -> list[Path]:
         index = self.dir / "model.safetensors.index.json"
@@ -218,10 +232,26 @@ class _Model:
                                    data=freqs))
         if self.merged is not None:
             shapes = {name: tuple(shape) for name, (_, shape) in self.merged.shapes.items()}
+            self._check_layers(shapes)
             return tensors + self._mapped(shapes, None)
+        every: dict[str, tuple[int, ...]] = {}
         for part in self._parts():
-            tensors += self._mapped(_Safetensors(part).shapes(), part)
+            shapes = _Safetensors(part).shapes()
+            every.update(shapes)
+            tensors += self._mapped(shapes, part)
+        self._check_layers(every)
         return tensors
+
+    def _check_layers(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """The weights must hold exactly the layers config.json announces (a wrong count writes a broken file)."""
+        found = {int(m[1]) for name in shapes if (m := re.search(r"\.layers\.(\d+)\.", name))}
+        if found and len(found) != self.n_blocks:
+            raw = json.loads((self.dir / "config.json").read_text(encoding="utf-8"))
+            said = ("has no num_hidden_layers, so the default" if "num_hidden_layers" not in raw
+                    else "says num_hidden_layers =")
+            raise UserError(f"{self.dir / 'config.json'} {said} {self.n_blocks} layers applies, but the weights hold "
+                            f"{len(found)}. Fix: set num_hidden_layers to {len(found)} in config.json, or restore "
+                            "the model's original config.json.")
 
     def _mapped(self, shapes: dict[str, tuple[int, ...]], part: Path | None) -> list[_Tensor]:
         """GGUF tensors for HF tensors of one file, in name order (the reference's order)."""
@@ -485,17 +515,19 @@ def _check_out_dir(out_dir: Path) -> None:
 def convert(model_dir: str | os.PathLike[str], methods: list[str], out_dir: str | os.PathLike[str], *,
             adapter: str | os.PathLike[str] | None = None, device: str | None = None,
             split_max_size: int | None = None, progress: bool = True,
-            check_space: bool = True) -> list[ConvertResult]:
+            check_space: bool = True, overwrite: bool = False) -> list[ConvertResult]:
     """Write ``out_dir/<name>.<METHOD>.gguf`` for every method, reading the safetensors once for all of them.
 
     ``device`` is where quantization runs ("cuda" or "cpu"; default: the quantizer's choice).
     ``split_max_size`` (bytes) splits each output the way llama.cpp's converter does (``-00001-of-0000n``
     names, ``split.*`` keys). ``adapter`` (a peft LoRA folder) is fused while converting, tensor by tensor,
     giving the same file as merging first (``merge.merge``) and converting the merged folder.
-    Each file is written as ``<final>.tmp-<pid>``, read back and checked, then renamed: an earlier file of
-    the same name is replaced only by a complete one, and a failed run leaves no file behind. Before writing,
-    the exact sizes are checked against the folder's free space (as the planner counts it: Kaggle's 20 GB cap
-    included); ``check_space=False`` skips that, for fault-injection tests only.
+    Each file is written as ``<final>.tmp-<pid>``, read back and checked, recorded in the folder's manifest
+    (size, sha256, inputs) and then renamed, so a failed or killed run never leaves a file under a final name
+    that is not complete. A re-run reuses files that are complete for the same inputs and replaces files it
+    wrote earlier from other inputs; a file of the same name that unsloth_nb did not write is refused unless
+    ``overwrite``. Before writing, the exact sizes are checked against the folder's free space (as the planner
+    counts it: Kaggle's 20 GB cap included); ``check_space=False`` skips that, for fault-injection tests only.
     """
     if not methods:
         raise UserError("No GGUF method given. Fix: pass at least one, e.g. --quant q8_0.")
@@ -509,27 +541,57 @@ def convert(model_dir: str | os.PathLike[str], methods: list[str], out_dir: str 
     heads = [_serialize(p.writer) for p in plans]
     layouts = [_measure(p, model, _file_name(model, p.method), h) for p, h in zip(plans, heads, strict=True)]
     finals = [[out / name for name, _ in lay.shards] for lay in layouts]
-    temps = [[f.with_name(f"{f.name}.tmp-{os.getpid()}") for f in files] for files in finals]
-    if check_space:
-        _check_space(out, sum(lay.size for lay in layouts))
+    inputs = [manifest.fingerprint(model.input_files(), method=p.method.name, split=split_max_size or 0)
+              for p in plans]
+    done = _reusable(finals, inputs, out, overwrite)
+    todo = [i for i in range(len(plans)) if not done[i]]
+    temps = {i: [f.with_name(f"{f.name}.tmp-{os.getpid()}") for f in finals[i]] for i in todo}
+    for final in (f for i in todo for f in finals[i]):
+        manifest.remove_stale(out, re.escape(final.name) + r"\.tmp-(?P<pid>\d+)")
+    need = sum(layouts[i].size for i in todo)
+    if check_space and todo:
+        _check_space(out, need)
+    free_before = shutil.disk_usage(out).free
     try:
-        _write(model, plans, heads, temps, device, progress)
-        for files, expected in zip(temps, layouts, strict=True):
-            for shard, temp in enumerate(files):
-                _validate(temp, expected, shard)
-        for files, names in zip(temps, finals, strict=True):
-            for temp, final in zip(files, names, strict=True):
-                os.replace(temp, final)
+        if todo:
+            digests = _write(model, [plans[i] for i in todo], [heads[i] for i in todo],
+                             [temps[i] for i in todo], device, progress)
+            for i, files_digests in zip(todo, digests, strict=True):
+                for shard, temp in enumerate(temps[i]):
+                    _validate(temp, layouts[i], shard)
+                manifest.record(out, {f.name: (layouts[i].shards[k][1], files_digests[k])
+                                      for k, f in enumerate(finals[i])}, inputs[i])
+                for temp, final in zip(temps[i], finals[i], strict=True):
+                    os.replace(temp, final)
     except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise UserError(f"Disk full: the GGUF files need {_human(need)} in {out}, which had {_human(free_before)}"
+                            f" free ({_human(max(need - free_before, 0))} more needed); nothing was left under a final"
+                            " name and earlier files are intact. Fix: free that much space, convert fewer methods,"
+                            " or choose another folder with --out.") from exc
         raise UserError(f"Writing GGUF files to {out} failed: {exc.strerror or exc}. Fix: free disk space or "
                         "choose another --out folder; nothing was left under a final name.") from exc
     finally:
-        for temp in (t for files in temps for t in files):
+        for temp in (t for files in temps.values() for t in files):
             temp.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
-    return [ConvertResult(p.method.name, files[0], sum(f.stat().st_size for f in files), seconds,
-                          len(model.tensors), tuple(files))
-            for p, files in zip(plans, finals, strict=True)]
+    return [ConvertResult(p.method.name, files[0], sum(f.stat().st_size for f in files),
+                          0.0 if done[i] else seconds, len(model.tensors), tuple(files), reused=done[i])
+            for i, (p, files) in enumerate(zip(plans, finals, strict=True))]
+
+
+def _reusable(finals: list[list[Path]], inputs: list[str], out: Path, overwrite: bool) -> list[bool]:
+    """Per method: True when all its files are complete for these inputs; refuse to replace others' files."""
+    done = []
+    for files, fp in zip(finals, inputs, strict=True):
+        states = [manifest.status(out, f.name, fp) for f in files]
+        foreign = [f.name for f, s in zip(files, states, strict=True) if s == "foreign"]
+        if foreign and not overwrite:
+            raise UserError(f"{out / foreign[0]} already exists and was not written by unsloth_nb from this "
+                            "model, so it is left alone. Fix: choose another folder with --out, move that file, "
+                            "or pass --overwrite (overwrite=True) to replace it.")
+        done.append(all(s == "complete" for s in states))
+    return done
 
 
 def _check_space(out: Path, need: int) -> None:
@@ -552,8 +614,11 @@ def _pad(fout: Any) -> None:
 
 
 def _write(model: _Model, plans: list[_Plan], heads: list[list[bytes]], temps: list[list[Path]],
-           device: str | None, progress: bool) -> None:
-    """Stream every tensor once from the safetensors into all the files (heads first, then aligned data)."""
+           device: str | None, progress: bool) -> list[list[str]]:
+    """Stream every tensor once from the safetensors into all the files (heads first, then aligned data).
+
+    Returns the sha256 of every file written, per plan and shard.
+    """
     total = sum(int(np.prod(t.shape)) for t in model.tensors)
     bar = None
     if progress:
@@ -566,7 +631,7 @@ def _write(model: _Model, plans: list[_Plan], heads: list[list[bytes]], temps: l
         for plan_heads, plan_temps in zip(heads, temps, strict=True):
             files.append([])
             for head, temp in zip(plan_heads, plan_temps, strict=True):
-                files[-1].append(open(temp, "wb"))
+                files[-1].append(manifest.HashingFile(temp))
                 files[-1][-1].write(head)
         for part in sorted({t.part for t in model.tensors if t.part is not None}):
             handles[part] = _Safetensors(part)
@@ -581,11 +646,13 @@ def _write(model: _Model, plans: list[_Plan], heads: list[list[bytes]], temps: l
                     raise UserError(f"Reading tensor {t.hf_name} from {t.part} failed ({exc}). The file may be "
                                     "corrupt. Fix: download or save the model again.") from exc
                 for plan, fout in zip(plans, outs, strict=True):
-                    _encode(x, plan.types[i], device).tofile(fout)
+                    fout.write(memoryview(np.ascontiguousarray(_encode(x, plan.types[i], device))).cast("B"))
                 if bar is not None:
                     bar.update(x.numel())
         for fout in (f for plan_files in files for f in plan_files):
             _pad(fout)
+            fout.close()
+        return [[fout.hexdigest() for fout in plan_files] for plan_files in files]
     finally:
         if bar is not None:
             bar.close()
@@ -654,12 +721,15 @@ def run_cli(args: argparse.Namespace) -> int:
     split = _parse_size(args.split_max_size) if getattr(args, "split_max_size", None) else None
     if getattr(args, "backend", "native") == "llama.cpp":
         if args.adapter or split:
-            raise UserError("--adapter and --split-max-size work only with the native backend.")
+            raise UserError("--adapter and --split-max-size work only with the native backend. Fix: drop "
+                            "--backend llama.cpp, or merge first and convert the merged folder.")
         results = convert_with_llamacpp(args.model, methods, args.out)
     else:
         results = convert(args.model, methods, args.out, adapter=args.adapter, device=args.device,
-                          split_max_size=split, progress=sys.stderr.isatty())
+                          split_max_size=split, progress=sys.stderr.isatty(),
+                          overwrite=getattr(args, "overwrite", False))
     for r in results:
         for path in r.shards or (r.path,):
-            print(f"{path}  {_human(path.stat().st_size)}  {r.seconds:.1f} s")
+            took = "complete from an earlier run, kept" if r.reused else f"{r.seconds:.1f} s"
+            print(f"{path}  {_human(path.stat().st_size)}  {took}")
     return 0

@@ -85,9 +85,9 @@ def resolve(name: str) -> Method:
     if key in _BY_ALIAS:
         return _BY_ALIAS[key]
     close = difflib.get_close_matches(key, list(_BY_ALIAS), n=1, cutoff=0.0)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
+    fix = f"Fix: use '{close[0]}' if that is what you meant, or another" if close else "Fix: use one"
     raise UserError(
-        f"Unknown quantization method '{name}'.{hint} Valid methods: {', '.join(METHODS)} "
+        f"Unknown quantization method '{name}'. {fix} of the valid methods: {', '.join(METHODS)} "
         f"(q4_k_m is a good default)."
     )
 
