@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,25 @@ def no_orphan_servers():
     leaked = serve.running_servers()
     serve.stop_all()
     assert not leaked, f"servers left running: {leaked}"
+
+
+RELIABILITY: Counter = Counter()
+"""What the reliability tests did: bad-input cases, faults injected by kind, user files checked and lost."""
+
+
+@pytest.fixture(scope="session")
+def ledger() -> Counter:
+    """Tests count what they tried here; the summary at the end of the run prints it."""
+    return RELIABILITY
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not RELIABILITY:
+        return
+    faults = {k[len("fault: "):]: v for k, v in RELIABILITY.items() if k.startswith("fault: ")}
+    terminalreporter.write_sep("-", "reliability summary")
+    terminalreporter.write_line(f"bad-input cases tried: {RELIABILITY['cases']}")
+    terminalreporter.write_line(f"faults injected: {sum(faults.values())} ("
+                                + ", ".join(f"{k}: {v}" for k, v in sorted(faults.items())) + ")")
+    terminalreporter.write_line(f"user files checked: {RELIABILITY['files checked']}, "
+                                f"files lost: {RELIABILITY['files lost']}")

@@ -412,7 +412,8 @@ def test_llamacpp_streaming_openai_package_and_api_key(llama_server):
 BANNED_EOS = {"128001": -100, "128008": -100, "128009": -100}
 
 
-def test_killed_server_mid_stream_is_reported_with_its_log(llama3_gguf, tmp_path):
+def test_killed_server_mid_stream_is_reported_with_its_log(llama3_gguf, tmp_path, ledger):
+    ledger["fault: server killed"] += 1
     server = start(llama3_gguf, max_model_len=2048, log_dir=tmp_path)
     pieces = server.stream_complete(PROMPT, max_tokens=1500, logit_bias=BANNED_EOS)
     assert next(pieces)
@@ -428,7 +429,8 @@ def test_killed_server_mid_stream_is_reported_with_its_log(llama3_gguf, tmp_path
     assert gone(server) and serve.port_is_free(server.port)
 
 
-def test_killed_server_mid_request_is_reported_with_its_log(llama3_gguf, tmp_path):
+def test_killed_server_mid_request_is_reported_with_its_log(llama3_gguf, tmp_path, ledger):
+    ledger["fault: server killed"] += 1
     server = start(llama3_gguf, max_model_len=2048, log_dir=tmp_path)
     errors: list[BaseException] = []
 
