@@ -6,13 +6,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 CPU_STAMP := $(VENV)/.installed-cpu
 DEV_STAMP := $(VENV)/.installed-dev
+BROWSER_STAMP := $(VENV)/.installed-browser
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test lint bench install clean
 
 demo: $(CPU_STAMP)
 	$(BIN)/python -m unsloth_nb demo
 
-test: $(DEV_STAMP)
+test: $(DEV_STAMP) $(BROWSER_STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(DEV_STAMP)
@@ -44,6 +46,13 @@ $(CPU_STAMP): requirements.txt requirements-cpu.txt pyproject.toml | $(BIN)/pyth
 $(DEV_STAMP): requirements.txt requirements-cpu.txt requirements-dev.txt pyproject.toml | $(BIN)/python
 	$(call pip_install,requirements-dev.txt)
 	touch $(CPU_STAMP) $@
+
+# The widget test drives a real browser: headless Chromium and its driver from Debian's packages.
+$(BROWSER_STAMP): | $(BIN)/python
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  $(SUDO) apt-get install -y --no-install-recommends chromium chromium-driver || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium chromium-driver; }
+	touch $@
 
 clean:
 	rm -rf $(VENV)
