@@ -205,6 +205,40 @@ def test_hub_id_resolves_to_the_local_cache(models, tmp_path, monkeypatch):
         planner.size_model(str(tmp_path / "no" / "such" / "folder"))
 
 
+@pytest.mark.parametrize("name", ["llama-8b-sharded", "llama-1b"])
+def test_hub_metadata_folder_plans_like_the_model(models, tmp_path, name):
+    """For users online the planner reads a Hub model's safetensors headers (the Hub's own metadata objects,
+    built here from a local folder: tests never reach the Hub) and plans exactly as for the downloaded model."""
+    from huggingface_hub.utils._safetensors import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
+
+    folder = models[name]
+    index = folder / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+    files = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        header, _ = planner.read_header(path)
+        meta = header.pop("__metadata__", {})
+        files[path.name] = SafetensorsFileMetadata(meta, {
+            n: TensorInfo(h["dtype"], h["shape"], tuple(h["data_offsets"])) for n, h in header.items()})
+    repo = SafetensorsRepoMetadata(None, weight_map is not None,
+                                   weight_map or {n: f for f, m in files.items() for n in m.tensors}, files)
+    config = json.loads((folder / "config.json").read_text())
+    fetched = planner.write_header_folder(tmp_path / "org" / name, config, repo)
+
+    local, remote = planner.size_model(folder), planner.size_model(fetched)
+    assert set(local.tensors) == set(remote.tensors) and not remote.has_weights
+    assert remote.name == name
+    methods = ["q4_k_m", "q8_0", "bf16"]
+    assert planner.gguf_sizes(local, methods) == planner.gguf_sizes(remote, methods)
+
+
+def test_hub_id_offline_is_not_fetched(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="not in the Hugging Face cache"):
+        planner.size_model("someone/some-model")
+
+
 # -------------------------------------------------------------------------------------- GGUF sizes
 
 

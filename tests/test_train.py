@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from transformers import AutoTokenizer, TrainerCallback
 
 from unsloth_nb import fixtures
+from unsloth_nb import plan as planner
 from unsloth_nb import train as T
 from unsloth_nb.__main__ import main
 from unsloth_nb.errors import UserError
@@ -154,7 +156,14 @@ def test_resume_after_disconnect_matches_uninterrupted_run(qwen2_dir, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         T.train(qwen2_dir, data, out, lora=lora, settings=settings, progress=False, callbacks=[Disconnect(2)])
     assert not out.exists()
-    assert (T.checkpoint_dir(out) / "checkpoint-2").is_dir()
+    checkpoint = T.checkpoint_dir(out) / "checkpoint-2"
+    assert checkpoint.is_dir()
+    # The planner's estimate of one checkpoint covers the real one, with no more than 25% to spare.
+    plan = planner.plan_train(qwen2_dir, out, r=lora.r, targets=lora.target_modules,
+                              checkpoints=T.checkpoint_dir(out))
+    estimate = plan.steps[0].disk / planner.CHECKPOINTS_AT_ONCE
+    real = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
+    assert real <= estimate <= 1.25 * real, (real, estimate)
     resumed = T.train(qwen2_dir, data, out, lora=lora, settings=settings, progress=False)
     assert resumed.steps == 4
     assert resumed.loss_steps == straight.loss_steps == [1, 2, 3, 4]
@@ -178,3 +187,17 @@ def test_cli_trains_alpaca_rows_on_a_base_without_chat_template(llama2_dir, tmp_
     code = main(["train", "--model", str(base), "--data", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o")])
     assert code == 1
     assert "Row 1" in capsys.readouterr().err
+
+
+def test_training_refused_before_writing_when_checkpoints_cannot_fit(llama3_dir, tmp_path):
+    """A real 8 MB filesystem cannot hold three checkpoints with the 17 MB Llama-3 tokenizer: refused up front."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", str(disk)], check=True)
+    try:
+        with pytest.raises(UserError, match="short"):
+            T.train(llama3_dir, T.DEMO_DATA, disk / "adapter", lora=T.DEMO_LORA, settings=T.DEMO_SETTINGS,
+                    progress=False)
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -14,9 +14,11 @@ import html
 import json
 import os
 import re
+import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from unsloth_nb.errors import UserError
 from unsloth_nb.runtime import Runtime, detect, gb
@@ -56,6 +58,19 @@ MERGE_WORK_BYTES = 12
 
 GGUF_ALIGNMENT = 32
 """GGUF aligns the data section and each tensor's data to 32 bytes."""
+
+CHECKPOINT_BYTES_PER_LORA_PARAM = 12
+"""A training checkpoint holds the LoRA weights (float32) and AdamW's two float32 moments per weight."""
+
+CHECKPOINT_EXTRA_BYTES = 2 * 10**6
+"""Per checkpoint besides the weights and the tokenizer files: trainer state, scheduler, RNG states, configs."""
+
+CHECKPOINTS_AT_ONCE = 3
+"""The trainer keeps 2 checkpoints and writes the next before deleting the oldest: 3 exist at the peak."""
+
+TOKENIZER_FILE_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*",
+                           "vocab.json", "merges.txt")
+"""Files a checkpoint and an adapter folder carry along with the weights (the tokenizer and its template)."""
 
 DEFAULT_OUT = "unsloth_nb_out"
 """Folder name for outputs when the user did not choose one."""
@@ -365,9 +380,66 @@ def resolve_model(model: str | os.PathLike) -> Path:
     )
 
 
+def _hub_id(model: str | os.PathLike) -> bool:
+    text = str(model)
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", text)) and not text.startswith((".", "/"))
+
+
+def _online() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on")
+
+
+def hub_headers(repo_id: str) -> Path:
+    """For users online: config.json and the safetensors headers of a Hub model (no weights: a few kB per
+    shard), saved as a header-only folder the planner reads like a local one."""
+    from huggingface_hub import get_safetensors_metadata, hf_hub_download
+
+    try:
+        meta = get_safetensors_metadata(repo_id)
+        config = json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
+    except Exception as exc:  # network, gated repo, no safetensors: all end in the same advice
+        raise UserError(f"Model {repo_id!r} is not a local folder, not in the Hugging Face cache "
+                        f"({hf_cache_dir()}), and its size could not be read from the Hub ({type(exc).__name__}: "
+                        f"{str(exc)[:160]}). Fix: check the id and your login (gated models need a token), or "
+                        f"download it first (`huggingface-cli download {repo_id}`) or pass its folder.") from None
+    from unsloth_nb.gguf.llamacpp import cache_dir
+
+    return write_header_folder(cache_dir() / "hub-headers" / repo_id, config, meta)
+
+
+def write_header_folder(dest: Path, config: dict, meta: Any) -> Path:
+    """Write ``config.json`` and header-only safetensors files (and the index) from the Hub's
+    ``SafetensorsRepoMetadata``; replaces an older copy atomically."""
+    partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for filename, file_meta in meta.files_metadata.items():
+        header: dict[str, Any] = {"__metadata__": dict(file_meta.metadata or {})}
+        for name, info in file_meta.tensors.items():
+            header[name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": list(info.data_offsets)}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        (partial / filename).write_bytes(struct.pack("<Q", len(raw)) + raw)
+    if meta.sharded:
+        index = {"metadata": dict(meta.metadata or {}), "weight_map": dict(meta.weight_map)}
+        (partial / "model.safetensors.index.json").write_text(json.dumps(index))
+    (partial / "config.json").write_text(json.dumps(config))
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(partial, dest)
+    return dest
+
+
 def size_model(model: str | os.PathLike) -> ModelSize:
-    """Size a model from config.json and its safetensors headers (sharded models through the index)."""
-    folder = resolve_model(model)
+    """Size a model from config.json and its safetensors headers (sharded models through the index).
+
+    A Hub id is read from the local cache; when it is not there and the machine is online, only its
+    headers are fetched (``hub_headers``)."""
+    try:
+        folder = resolve_model(model)
+    except UserError:
+        if not (_hub_id(model) and _online()):
+            raise
+        folder = hub_headers(str(model))
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise UserError(f"{folder} has no config.json. Fix: pass a Hugging Face model folder.")
@@ -609,6 +681,44 @@ def make_plan(
             offers = _alternatives(plan, build, kept, sizes)
             if offers:
                 plan.warnings.append(f"to keep the outputs in {kept}: " + "; or ".join(offers) + ".")
+    return plan
+
+
+def lora_params(model: ModelSize, r: int, targets: tuple[str, ...] | list[str]) -> int:
+    """Trainable LoRA weights for rank ``r`` on the linear layers named ``targets`` (e.g. "q_proj")."""
+    return sum(r * (t.shape[0] + t.shape[1]) for t in model.tensors
+               if len(t.shape) == 2 and t.name.endswith(".weight") and t.name.split(".")[-2] in targets)
+
+
+def tokenizer_files_bytes(folder: Path) -> int:
+    """Bytes of the tokenizer and chat-template files in ``folder`` (copied into checkpoints and adapters)."""
+    files = {p for pattern in TOKENIZER_FILE_PATTERNS for p in folder.glob(pattern) if p.is_file()}
+    return sum(p.stat().st_size for p in files)
+
+
+def plan_train(model: str | os.PathLike, out: str | os.PathLike, *, r: int, targets: tuple[str, ...] | list[str],
+               checkpoints: str | os.PathLike, runtime: Runtime | None = None) -> Plan:
+    """Plan the disk a fine-tune writes: its resumable checkpoints (next to ``out``) and the final adapter.
+
+    Reads only headers; ``require()`` refuses before training starts when they cannot fit."""
+    rt = runtime or detect()
+    base = size_model(model)
+    params = lora_params(base, r, targets)
+    tokenizer = tokenizer_files_bytes(base.path)
+    one = params * CHECKPOINT_BYTES_PER_LORA_PARAM + tokenizer + CHECKPOINT_EXTRA_BYTES
+    out_dir = Path(os.path.abspath(out))
+    plan = Plan(base, rt, [], out_dir)
+    plan.steps = [
+        Step(f"train checkpoints ({CHECKPOINTS_AT_ONCE} at the peak)", 0, CHECKPOINTS_AT_ONCE * one,
+             Path(os.path.abspath(checkpoints))),
+        Step("train adapter", 0, params * 4 + tokenizer, out_dir),
+    ]
+    _check(plan)
+    if not plan.fits:
+        plan.fixes = _elsewhere(plan, lambda *a: plan)
+        plan.fixes.append("save fewer adapter weights (a smaller rank r or fewer target modules)")
+    if not rt.is_kept(out_dir):
+        plan.warnings.append(_not_kept(rt, out_dir))
     return plan
 
 

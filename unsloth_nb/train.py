@@ -124,6 +124,8 @@ class TrainSettings:
     """Write a resumable checkpoint every this many steps (the last two are kept)."""
     logging_steps: int = 1
     """Record the loss every this many steps (the points of the loss plot)."""
+    plan: bool = True
+    """Ask the planner first and refuse before writing when the checkpoints and adapter cannot fit the disk."""
 
 
 DEMO_LORA = LoraSettings(r=16, alpha=32)
@@ -586,6 +588,10 @@ def train(model: str | os.PathLike, data: str | os.PathLike | Iterable[Mapping],
 
     checkpoints = checkpoint_dir(out)
     stamp = checkpoints / FINGERPRINT_FILE
+    if settings.plan:
+        from unsloth_nb.plan import plan_train
+
+        plan_train(model, out, r=lora.r, targets=lora.target_modules, checkpoints=checkpoints).require()
     if checkpoints.exists():
         ours = stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint
         if not stamp.is_file():
