@@ -259,3 +259,69 @@ def test_bf16_source_rounding_helper() -> None:
     x = torch.randn(64).bfloat16()
     raw = x.view(torch.int16).numpy().view(np.uint16)
     assert np.array_equal(_bf16_to_f32(raw), x.float().numpy())
+
+
+# --- requantize: an existing BF16 GGUF -> any method --------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["q4_k_m", "q3_k_s", "q2_k", "q5_0"])
+def test_requantize_matches_llama_quantize(synthetic_files: dict, tmp_path: Path, method: str) -> None:
+    """``requantize`` and ``llama_model_quantize`` on the same BF16 file: the same type for every tensor and,
+    per type, at least 99.9% identical blocks."""
+    from unsloth_nb.gguf.requantize import requantize
+
+    m = recipes.METHODS[method]
+    same: dict[T, list[int]] = defaultdict(lambda: [0, 0])
+    for name, (src, _, _) in synthetic_files.items():
+        theirs_path = tmp_path / f"{name}.theirs.gguf"
+        _llama_quantize(src, theirs_path, m)
+        (ours,) = requantize(src, [method], tmp_path / name, progress=False)
+        assert ours.path.name == f"{name}.{m.label}.gguf"
+        theirs = {t.name: t for t in gguf.GGUFReader(theirs_path).tensors}
+        mine = gguf.GGUFReader(ours.path)
+        assert {t.name for t in mine.tensors} == set(theirs)
+        for t in mine.tensors:
+            ref = theirs[t.name]
+            assert T(t.tensor_type) == T(ref.tensor_type), t.name
+            if T(t.tensor_type) in (T.F32, T.F16):
+                assert np.array_equal(np.asarray(t.data), np.asarray(ref.data)), t.name
+                continue
+            block = gguf.GGML_QUANT_SIZES[T(t.tensor_type)][1]
+            equal = (np.asarray(t.data).reshape(-1, block) == np.asarray(ref.data).reshape(-1, block)).all(axis=1)
+            same[T(t.tensor_type)][0] += int(equal.sum())
+            same[T(t.tensor_type)][1] += equal.size
+    for qtype, (n_same, total) in sorted(same.items()):
+        print(f"requantize {method} vs llama_model_quantize {qtype.name}: {100 * n_same / total:.3f}% identical")
+        assert n_same / total >= 0.999, qtype.name
+
+
+def test_requantize_of_our_bf16_equals_the_direct_export(llama3_dir: Path, tmp_path: Path) -> None:
+    """From convert's BF16 file, requantize writes the very file converting the HF folder writes."""
+    from unsloth_nb.gguf import convert
+    from unsloth_nb.gguf.requantize import requantize
+
+    methods = ["q4_k_m", "q8_0", "f16"]
+    direct = convert.convert(llama3_dir, ["bf16", *methods], tmp_path / "direct", progress=False)
+    again = requantize(direct[0].path, methods, tmp_path / "re", progress=False)
+    for a, b in zip(again, direct[1:], strict=True):
+        assert a.path.name == b.path.name and a.path.read_bytes() == b.path.read_bytes()
+    assert all(r.reused for r in requantize(direct[0].path, methods, tmp_path / "re", progress=False))
+    from unsloth_nb.__main__ import main
+
+    assert main(["gguf", str(direct[0].path), "--quant", "q4_k_m", "--out", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / direct[1].path.name).read_bytes() == direct[1].path.read_bytes()
+
+
+def test_requantize_refuses_a_quantized_source(llama2_dir: Path, tmp_path: Path) -> None:
+    from unsloth_nb.gguf import convert
+    from unsloth_nb.gguf.requantize import requantize
+
+    (q8,) = convert.convert(llama2_dir, ["q8_0"], tmp_path, progress=False)
+    with pytest.raises(UserError, match="already holds quantized tensors"):
+        requantize(q8.path, ["q4_k_m"], tmp_path / "out", progress=False)
+    with pytest.raises(UserError, match="does not exist"):
+        requantize(tmp_path / "absent.gguf", ["q4_k_m"], tmp_path / "out", progress=False)
+    (tmp_path / "broken.gguf").write_bytes(q8.path.read_bytes()[:5000])
+    with pytest.raises(UserError, match="not a readable GGUF"):
+        requantize(tmp_path / "broken.gguf", ["q4_k_m"], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.gguf"))

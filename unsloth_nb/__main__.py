@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing, non-empty output folder (never done unasked)")
 
     p = sub.add_parser("gguf", help=COMMANDS["gguf"][1])
-    p.add_argument("model", metavar="MODEL_DIR", help="HF model folder (safetensors + config.json)")
+    p.add_argument("model", metavar="MODEL_DIR",
+                   help="HF model folder (safetensors + config.json), or an f16/bf16/f32 .gguf to re-quantize")
     p.add_argument("--quant", required=True, help="comma-separated methods, e.g. q4_k_m,q8_0,bf16")
     p.add_argument("--out", required=True, help="output folder for DIR/<name>.<QUANT>.gguf")
     p.add_argument("--adapter", default=None, help="LoRA adapter: fuse it while converting (no merged copy)")

@@ -719,7 +719,15 @@ def run_cli(args: argparse.Namespace) -> int:
     """``python -m unsloth_nb gguf MODEL_DIR --quant q8_0,bf16 --out DIR``: one line per file written."""
     methods = [m for m in (s.strip() for s in args.quant.split(",")) if m]
     split = _parse_size(args.split_max_size) if getattr(args, "split_max_size", None) else None
-    if getattr(args, "backend", "native") == "llama.cpp":
+    if Path(args.model).suffix == ".gguf" and Path(args.model).is_file():
+        from unsloth_nb.gguf.requantize import requantize
+
+        if args.adapter or split or getattr(args, "backend", "native") != "native":
+            raise UserError("A GGUF source is re-quantized as it is: --adapter, --split-max-size and --backend "
+                            "apply to HF folders only. Fix: drop them, or convert the HF folder instead.")
+        results = requantize(args.model, methods, args.out, device=args.device, progress=sys.stderr.isatty(),
+                             overwrite=getattr(args, "overwrite", False))
+    elif getattr(args, "backend", "native") == "llama.cpp":
         if args.adapter or split:
             raise UserError("--adapter and --split-max-size work only with the native backend. Fix: drop "
                             "--backend llama.cpp, or merge first and convert the merged folder.")
