@@ -23,6 +23,7 @@ lint: $(DEV_STAMP)
 bench: $(DEV_STAMP)
 	$(BIN)/python benchmarks/merge_vs_peft.py
 	$(BIN)/python benchmarks/gguf_vs_llamacpp.py
+	$(BIN)/python benchmarks/plan_vs_measured.py
 
 install: $(DEV_STAMP)
 

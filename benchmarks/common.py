@@ -23,7 +23,10 @@ class Measurement:
 
 
 def measure(label: str, code: str, env: dict[str, str] | None = None) -> Measurement:
-    """Run ``python -c code`` and report wall time and ru_maxrss of that process (its children excluded)."""
+    """Run ``python -c code`` and report wall time and ru_maxrss of that process (its children excluded).
+
+    The child's high-water mark includes the parent's resident memory at fork time, so keep the calling
+    process small (do heavy work such as planning in a child too)."""
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **(env or {})})
     _, status, usage = os.wait4(proc.pid, 0)
