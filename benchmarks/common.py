@@ -8,6 +8,18 @@ import sys
 import time
 from dataclasses import dataclass
 
+MAKE_ADAPTER = """
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_pretrained({base!r}, dtype=torch.bfloat16)
+config = LoraConfig(r=16, lora_alpha=16, init_lora_weights=False,
+                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+get_peft_model(model, config).save_pretrained({adapter!r})
+"""
+"""Child-process code: a rank-16 LoRA adapter with random non-zero weights on all seven projections."""
+
 
 @dataclass
 class Measurement:

@@ -18,20 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import measure  # noqa: E402
+from common import MAKE_ADAPTER, measure  # noqa: E402
 
 from unsloth_nb import fixtures  # noqa: E402
-
-MAKE_ADAPTER = """
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
-torch.manual_seed(0)
-model = AutoModelForCausalLM.from_pretrained({base!r}, dtype=torch.bfloat16)
-config = LoraConfig(r=16, lora_alpha=16, init_lora_weights=False,
-                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-get_peft_model(model, config).save_pretrained({adapter!r})
-"""
 
 MERGE = """
 from unsloth_nb.merge import MergeSettings, merge

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -35,6 +36,25 @@ def qwen2_dir() -> Path:
 def any_model_dir(request: pytest.FixtureRequest) -> Path:
     """Each fixture model in turn."""
     return fixtures.build_model(request.param)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(size) -> folder``: a real filesystem of ``size`` bytes (root only, as CI runs), unmounted after."""
+    mounted: list[Path] = []
+
+    def mount(size: int) -> Path:
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, f"mounting a tmpfs needs root: {done.stderr}"
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -352,17 +352,10 @@ def test_fused_adapter_equals_merge_then_convert(llama2_dir: Path, tmp_path: Pat
     assert changed["blk.0.attn_q.weight"] != {t.name: t.data.tobytes() for t in base.tensors}["blk.0.attn_q.weight"]
 
 
-def test_refused_before_writing_when_the_disk_is_too_small(llama2_dir: Path, tmp_path: Path) -> None:
+def test_refused_before_writing_when_the_disk_is_too_small(llama2_dir: Path, tmpfs) -> None:
     """A real 20 MB filesystem cannot hold a ~70 MB BF16 file: refused up front, the folder stays empty."""
-    import subprocess
-
-    disk = tmp_path / "small"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20M", "tmpfs", str(disk)], check=True)
-    try:
-        (disk / "mine.txt").write_text("keep me")
-        with pytest.raises(UserError, match="short"):
-            convert.convert(llama2_dir, ["bf16"], disk, progress=False)
-        assert sorted(p.name for p in disk.iterdir()) == ["mine.txt"]
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
+    disk = tmpfs(20 * 2**20)
+    (disk / "mine.txt").write_text("keep me")
+    with pytest.raises(UserError, match="short"):
+        convert.convert(llama2_dir, ["bf16"], disk, progress=False)
+    assert sorted(p.name for p in disk.iterdir()) == ["mine.txt"]

@@ -166,20 +166,13 @@ def test_bad_inputs_are_refused_without_touching_anything(llama2_dir, tmp_path) 
     assert not list(tmp_path.glob(".*partial*"))
 
 
-def test_merge_refused_by_the_planner_on_a_small_disk(llama2_dir, tmp_path) -> None:
+def test_merge_refused_by_the_planner_on_a_small_disk(llama2_dir, tmp_path, tmpfs) -> None:
     """A real 20 MB filesystem cannot hold the 37 MB merged model: refused before anything is written."""
-    import subprocess
-
     adapter = make_adapter(llama2_dir, tmp_path / "adapter")
-    disk = tmp_path / "small"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20M", "tmpfs", str(disk)], check=True)
-    try:
-        with pytest.raises(UserError, match="short"):
-            merge(llama2_dir, adapter, disk / "merged", MergeSettings(progress=False))
-        assert list(disk.iterdir()) == []
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
+    disk = tmpfs(20 * 2**20)
+    with pytest.raises(UserError, match="short"):
+        merge(llama2_dir, adapter, disk / "merged", MergeSettings(progress=False))
+    assert list(disk.iterdir()) == []
 
 
 def test_hub_id_resolves_to_the_local_cache(llama2_dir, tmp_path, monkeypatch) -> None:

@@ -442,30 +442,11 @@ def test_gguf_size_is_the_converters_exact_size(kind, request):
     assert planner.GGUF_CHUNK_ELEMENTS == convert.CHUNK_ELEMENTS
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real filesystem of a chosen size (tmpfs), unmounted afterwards."""
-    mounted = []
-
-    def mount(size: int) -> Path:
-        point = tmp_path / "small"
-        point.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
-                              capture_output=True, text=True)
-        assert done.returncode == 0, f"mounting a tmpfs needs root: {done.stderr}"
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", str(point)], check=True)
-
-
-def test_real_small_disk_refused_before_writing_and_fitting_plan_succeeds(llama2_dir, small_disk):
+def test_real_small_disk_refused_before_writing_and_fitting_plan_succeeds(llama2_dir, tmpfs):
     from unsloth_nb.gguf import convert
 
     size_q8 = planner.make_plan(llama2_dir, "q8_0", "/x", runtime=laptop()).steps[0].disk
-    disk = small_disk(-(-(size_q8 + 2**20) // 2**20) * 2**20)  # room for Q8_0 only
+    disk = tmpfs(-(-(size_q8 + 2**20) // 2**20) * 2**20)  # room for Q8_0 only
     out = disk / "gguf"
 
     too_much = run_plan_cli(str(llama2_dir), "--quant", "q8_0,bf16", "--out", str(out))

@@ -47,25 +47,6 @@ def check_kept(before: dict[str, str], folder: Path, ledger) -> None:
     assert not lost, f"files lost or changed: {lost}"
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """Mount real small filesystems (tmpfs, root only: CI runs as root); unmounted afterwards."""
-    mounted: list[Path] = []
-
-    def mount(size: int) -> Path:
-        point = tmp_path / f"disk{len(mounted)}"
-        point.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
-                              capture_output=True, text=True)
-        assert done.returncode == 0, f"mounting a tmpfs needs root: {done.stderr}"
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", str(point)], check=True)
-
-
 @pytest.fixture(scope="module")
 def adapter(llama2_dir, tmp_path_factory) -> Path:
     return make_adapter(llama2_dir, tmp_path_factory.mktemp("adapter") / "adapter")

@@ -34,20 +34,10 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A real 100 MB filesystem, so that the 16- and 32-bit files show as too big."""
-    point = tmp_path / "disk"
-    point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100M", "tmpfs", str(point)], capture_output=True,
-                          text=True)
-    assert done.returncode == 0, f"mounting a tmpfs needs root: {done.stderr}"
-    yield point
-    subprocess.run(["umount", str(point)], check=True)
-
-
-@pytest.fixture
-def voila(llama3_dir, small_disk, tmp_path):
-    """Voilà serving a one-cell notebook that shows the picker; stopped afterwards."""
+def voila(llama3_dir, tmpfs, tmp_path):
+    """Voilà serving a one-cell notebook that shows the picker; stopped afterwards. The output folder is a
+    real 100 MB filesystem, so that the 16- and 32-bit files show as too big."""
+    small_disk = tmpfs(100 * 2**20)
     notebook = nbformat.v4.new_notebook()
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     notebook.cells = [nbformat.v4.new_code_cell(
