@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -46,15 +47,27 @@ def sha256_file(path: Path) -> str:
 
 
 class HashingFile:
-    """A binary file opened for writing that keeps the sha256 of everything written to it."""
+    """A binary file opened for writing that keeps the sha256 of everything written to it.
+
+    The hash of each piece runs on a helper thread while the piece is written (both release the GIL), so the
+    checksum costs almost no wall time; at most one piece is held for it.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.handle: BinaryIO = open(path, "wb")
         self.hash = hashlib.sha256()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+        self._pending: Future | None = None
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
 
     def write(self, data: bytes | memoryview) -> int:
-        self.hash.update(data)
+        self._wait()
+        self._pending = self._pool.submit(self.hash.update, data)
         return self.handle.write(data)
 
     def tell(self) -> int:
@@ -62,12 +75,15 @@ class HashingFile:
 
     def close(self) -> None:
         """Flush to the disk (an fsync, so a completed record never points at data still in flight)."""
+        self._wait()
+        self._pool.shutdown()
         if not self.handle.closed:
             self.handle.flush()
             os.fsync(self.handle.fileno())
             self.handle.close()
 
     def hexdigest(self) -> str:
+        self._wait()
         return self.hash.hexdigest()
 
 
