@@ -359,3 +359,15 @@ def test_refused_before_writing_when_the_disk_is_too_small(llama2_dir: Path, tmp
     with pytest.raises(UserError, match="short"):
         convert.convert(llama2_dir, ["bf16"], disk, progress=False)
     assert sorted(p.name for p in disk.iterdir()) == ["mine.txt"]
+
+
+def test_refused_before_writing_when_ram_cannot_hold_the_pass(llama2_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """The planner's RAM check runs before any byte is written (a Colab with 300 MB available, faked)."""
+    from unsloth_nb import plan
+    from unsloth_nb.runtime import Runtime
+
+    monkeypatch.setattr(plan, "detect", lambda: Runtime("colab", 2**30, 300 * 2**20, 2))
+    with pytest.raises(UserError, match="RAM at its peak") as info:
+        convert.convert(llama2_dir, ["q8_0"], tmp_path / "out", progress=False)
+    assert "Fix:" in str(info.value)
+    assert list((tmp_path / "out").iterdir()) == []

@@ -737,26 +737,49 @@ def _steps(base: ModelSize, lora: ModelSize | None, methods: list[str], sizes: d
     """The rows: the merge (peak = one tensor and the adapter) then one row per GGUF file (one pass writes
     them all, so they share the pass's peak RAM). Every output stays on disk until the end."""
     steps = []
-    adapter_ram = 0
-    if lora is not None:
-        targets = lora_targets(base, lora) or [base.largest]
-        adapter_ram = lora.n_params * 4 + max(t.numel for t in targets) * MERGE_WORK_BYTES
     if lora is not None and not fused:
-        ram = BASE_RAM + max(2 * base.largest.nbytes, adapter_ram)
+        ram = BASE_RAM + max(2 * base.largest.nbytes, _adapter_ram(base, lora))
         steps.append(Step("merge (16-bit copy)", ram, base.bytes_16bit + base.extra_bytes, merged))
     if methods:
-        chunk = gguf_chunk_elements(base)
-        ram = BASE_RAM + TOKENIZER_RAM_FACTOR * _tokenizer_bytes(base) + chunk * GGUF_WORK_BYTES
-        ram += sum(chunk * _bits(m) // 8 for m in methods)
-        if fused:
-            ram += adapter_ram
-        vram = chunk * GGUF_WORK_BYTES if gpu else 0
+        ram = gguf_ram(base, methods, lora if fused else None)
+        vram = gguf_chunk_elements(base) * GGUF_WORK_BYTES if gpu else 0
         tag = " (fused LoRA)" if fused else ""
         for m in methods:
             size, exact = sizes[m]
             steps.append(Step(f"gguf {m.upper()}{tag}", ram, size, folder / f"{base.name}.{m.upper()}.gguf",
                               vram=vram, exact=exact))
     return steps
+
+
+def _adapter_ram(base: ModelSize, lora: ModelSize) -> int:
+    """The adapter in float32 plus the working copies of its largest target while it is merged."""
+    targets = lora_targets(base, lora) or [base.largest]
+    return lora.n_params * 4 + max(t.numel for t in targets) * MERGE_WORK_BYTES
+
+
+def gguf_ram(base: ModelSize, methods: list[str], lora: ModelSize | None = None) -> int:
+    """Peak RAM of one GGUF pass writing every method in ``methods`` (fusing ``lora`` when given)."""
+    chunk = gguf_chunk_elements(base)
+    ram = BASE_RAM + TOKENIZER_RAM_FACTOR * _tokenizer_bytes(base) + chunk * GGUF_WORK_BYTES
+    ram += sum(chunk * _bits(m) // 8 for m in methods)
+    return ram + (_adapter_ram(base, lora) if lora is not None else 0)
+
+
+def require_ram(step: str, need: int, runtime: Runtime | None = None) -> None:
+    """Refuse (UserError) before a step whose peak RAM is over this runtime's budget."""
+    rt = runtime or detect()
+    budget = int(rt.available_ram * RAM_SHARE.get(rt.platform, 0.9))
+    if need > budget:
+        raise UserError(_ram_problem(step, need, rt) + " Fix: use a machine with more RAM, or do less in one "
+                        "call (fewer GGUF methods at once).")
+
+
+def _ram_problem(step: str, need: int, rt: Runtime) -> str:
+    share = RAM_SHARE.get(rt.platform, 0.9)
+    budget = int(rt.available_ram * share)
+    return (f"{step} needs about {gb(need)} of RAM at its peak; this {rt.platform} runtime has "
+            f"{gb(rt.available_ram)} available and plans use at most {int(share * 100)}% of it ({gb(budget)}, "
+            f"{gb(need - budget)} short).")
 
 
 def gguf_chunk_elements(model: ModelSize) -> int:
@@ -796,11 +819,7 @@ def _check(plan: Plan) -> None:
                                  f"{gb(free[key])} free ({gb(need - free[key])} short).")
     heavy = max(plan.steps, key=lambda s: s.ram, default=None)
     if heavy is not None and heavy.ram > plan.ram_budget:
-        share = int(RAM_SHARE.get(rt.platform, 0.9) * 100)
-        plan.problems.append(
-            f"{heavy.name} needs about {gb(heavy.ram)} of RAM at its peak; this {rt.platform} runtime has "
-            f"{gb(rt.available_ram)} available and plans use at most {share}% of it ({gb(plan.ram_budget)}, "
-            f"{gb(heavy.ram - plan.ram_budget)} short).")
+        plan.problems.append(_ram_problem(heavy.name, heavy.ram, rt))
     if rt.gpus and any(s.vram for s in plan.steps):
         need = max(s.vram for s in plan.steps)
         best = max(g.free_vram for g in rt.gpus)

@@ -550,7 +550,7 @@ def convert(model_dir: str | os.PathLike[str], methods: list[str], out_dir: str 
         manifest.remove_stale(out, re.escape(final.name) + r"\.tmp-(?P<pid>\d+)")
     need = sum(layouts[i].size for i in todo)
     if check_space and todo:
-        _check_space(out, need)
+        _check_fits(model, [plans[i].method.name for i in todo], out, need)
     free_before = shutil.disk_usage(out).free
     try:
         if todo:
@@ -592,6 +592,15 @@ def _reusable(finals: list[list[Path]], inputs: list[str], out: Path, overwrite:
                             "or pass --overwrite (overwrite=True) to replace it.")
         done.append(all(s == "complete" for s in states))
     return done
+
+
+def _check_fits(model: _Model, methods: list[str], out: Path, need: int) -> None:
+    """The planner's checks before writing: the pass's peak RAM, then the exact sizes against the disk."""
+    from unsloth_nb import plan
+
+    lora = plan.size_adapter(model.merged.adapter.path) if model.merged is not None else None
+    plan.require_ram("The GGUF pass", plan.gguf_ram(plan.size_model(model.dir), methods, lora))
+    _check_space(out, need)
 
 
 def _check_space(out: Path, need: int) -> None:
