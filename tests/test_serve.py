@@ -197,21 +197,6 @@ STARTED: list[int] = []
 TIMES: dict[str, float] = {}
 
 
-def _groups_alive(pgids: list[int]) -> list[str]:
-    alive = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[2]) in pgids and fields[0] != "Z":
-            alive.append(f"{entry.name} {stat[:80]}")
-    return alive
-
-
 @pytest.fixture(scope="module", autouse=True)
 def no_orphans(request):
     """After everything in this module (servers' own fixtures included): no process of ours is left."""
@@ -219,7 +204,7 @@ def no_orphans(request):
     leaked = serve.running_servers()
     serve.stop_all()
     deadline = time.monotonic() + 10
-    while _groups_alive(STARTED) and time.monotonic() < deadline:
+    while serve.group_processes(STARTED) and time.monotonic() < deadline:
         time.sleep(0.2)
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     for engine, seconds in TIMES.items():
@@ -229,7 +214,7 @@ def no_orphans(request):
         else:
             print(line)
     assert not leaked, f"servers left running by the tests: {leaked}"
-    assert not _groups_alive(STARTED), "server processes left running"
+    assert not serve.group_processes(STARTED), "server processes left running"
 
 
 def start(model, **kw) -> serve.Server:
@@ -254,7 +239,7 @@ def start(model, **kw) -> serve.Server:
 
 
 def gone(server: serve.Server) -> bool:
-    return server.process is not None and server.process.poll() is not None and not _groups_alive([server.pid])
+    return server.process is not None and server.process.poll() is not None and not serve.group_processes([server.pid])
 
 
 @pytest.fixture(scope="module")
@@ -396,7 +381,7 @@ def test_a_folder_vllm_cannot_load_gives_vllms_reason(llama3_dir, tmp_path):
     message = str(info.value)
     assert "exited during start-up" in message and "Its reason:" in message
     assert "NoSuchModelForCausalLM" in message.split("Its reason:")[1].split("\n")[0]  # vLLM's words
-    assert not _groups_alive(STARTED[-1:])
+    assert not serve.group_processes(STARTED[-1:])
 
 
 def test_llamacpp_answers_like_llamacpp_in_process(llama_server, llama3_gguf):
@@ -511,9 +496,9 @@ def test_no_orphan_when_the_python_process_ends(llama3_gguf, how):
             parent.kill()
         parent.wait(60)
         deadline = time.monotonic() + 30
-        while _groups_alive([pid]) and time.monotonic() < deadline:
+        while serve.group_processes([pid]) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _groups_alive([pid])
+        assert not serve.group_processes([pid])
         assert serve.port_is_free(port)
     finally:
         if parent.poll() is None:

@@ -393,16 +393,11 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether any process of the group still runs (zombies waiting to be reaped do not count)."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        try:
-            os.killpg(pgid, 0)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
-    for entry in proc.iterdir():
+def group_processes(pgids: list[int]) -> list[str]:
+    """Running members of the process groups ``pgids`` ("PID stat..." each; zombies waiting to be reaped do not
+    count), read from /proc."""
+    alive = []
+    for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
@@ -410,9 +405,20 @@ def _group_alive(pgid: int) -> bool:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
+        if fields[0] != "Z" and int(fields[2]) in pgids:
+            alive.append(f"{entry.name} {stat[:80]}")
+    return alive
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group still runs (a signal probe where there is no /proc)."""
+    if not Path("/proc").is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    return bool(group_processes([pgid]))
 
 
 _LIVE: set[Server] = set()

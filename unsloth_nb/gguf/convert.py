@@ -564,13 +564,7 @@ def convert(model_dir: str | os.PathLike[str], methods: list[str], out_dir: str 
                 for temp, final in zip(temps[i], finals[i], strict=True):
                     os.replace(temp, final)
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise UserError(f"Disk full: the GGUF files need {_human(need)} in {out}, which had {_human(free_before)}"
-                            f" free ({_human(max(need - free_before, 0))} more needed); nothing was left under a final"
-                            " name and earlier files are intact. Fix: free that much space, convert fewer methods,"
-                            " or choose another folder with --out.") from exc
-        raise UserError(f"Writing GGUF files to {out} failed: {exc.strerror or exc}. Fix: free disk space or "
-                        "choose another --out folder; nothing was left under a final name.") from exc
+        raise _write_error(exc, out, need, free_before) from exc
     finally:
         for temp in (t for files in temps.values() for t in files):
             temp.unlink(missing_ok=True)
@@ -578,6 +572,17 @@ def convert(model_dir: str | os.PathLike[str], methods: list[str], out_dir: str 
     return [ConvertResult(p.method.name, files[0], sum(f.stat().st_size for f in files),
                           0.0 if done[i] else seconds, len(model.tensors), tuple(files), reused=done[i])
             for i, (p, files) in enumerate(zip(plans, finals, strict=True))]
+
+
+def _write_error(exc: OSError, out: Path, need: int, free_before: int) -> UserError:
+    """The user's view of a failed write: disk full (with how much more was needed) or the OS's reason."""
+    if exc.errno == errno.ENOSPC:
+        return UserError(f"Disk full: the GGUF files need {_human(need)} in {out}, which had {_human(free_before)}"
+                         f" free ({_human(max(need - free_before, 0))} more needed); nothing was left under a final"
+                         " name and earlier files are intact. Fix: free that much space, convert fewer methods,"
+                         " or choose another folder with --out.")
+    return UserError(f"Writing GGUF files to {out} failed: {exc.strerror or exc}. Fix: free disk space or "
+                     "choose another --out folder; nothing was left under a final name.")
 
 
 def _reusable(finals: list[list[Path]], inputs: list[str], out: Path, overwrite: bool) -> list[bool]:

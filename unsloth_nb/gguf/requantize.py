@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from unsloth_nb.gguf.convert import (
     _reusable,
     _serialize,
     _validate,
+    _write_error,
     resolve_method,
 )
 
@@ -150,8 +152,10 @@ def requantize(source: str | os.PathLike[str], methods: list[str], out_dir: str 
     todo = [i for i in range(len(resolved)) if not done[i]]
     for i in todo:
         manifest.remove_stale(out, re.escape(finals[i].name) + r"\.tmp-(?P<pid>\d+)")
+    need = sum(layouts[i].size for i in todo)
     if check_space and todo:
-        _check_space(out, sum(layouts[i].size for i in todo))
+        _check_space(out, need)
+    free_before = shutil.disk_usage(out).free
     temps = {i: finals[i].with_name(f"{finals[i].name}.tmp-{os.getpid()}") for i in todo}
     try:
         if todo:
@@ -161,8 +165,7 @@ def requantize(source: str | os.PathLike[str], methods: list[str], out_dir: str 
                 manifest.record(out, {finals[i].name: (layouts[i].size, digests[i])}, inputs[i])
                 os.replace(temps[i], finals[i])
     except OSError as exc:
-        raise UserError(f"Writing GGUF files to {out} failed: {exc.strerror or exc}. Fix: free disk space or "
-                        "choose another --out folder; nothing was left under a final name.") from exc
+        raise _write_error(exc, out, need, free_before) from exc
     finally:
         for temp in temps.values():
             temp.unlink(missing_ok=True)

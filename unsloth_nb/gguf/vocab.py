@@ -86,13 +86,18 @@ def _sentencepiece(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, 
             text = text.replace("\u2581", " ")
             types[i] = _USER_DEFINED
         scores[i], tokens[i] = -1000.0, text.encode("utf-8")
+    _add_llama(writer, model_dir, tokens, scores, types)
+    return True
+
+
+def _add_llama(writer: gguf.GGUFWriter, model_dir: Path, tokens: list, scores: list, types: list) -> None:
+    """The ``llama`` tokenizer keys: model, pre-tokenizer, tokens, scores, types and the special tokens."""
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
     _special_vocab(model_dir, load_merges=False, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
-    return True
 
 
 def _llama_hf(writer: gguf.GGUFWriter, model_dir: Path) -> bool:
@@ -106,12 +111,7 @@ def _llama_hf(writer: gguf.GGUFWriter, model_dir: Path) -> bool:
         tokens.append(text)
         scores.append(score)
         types.append(toktype)
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    _special_vocab(model_dir, load_merges=False, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    _add_llama(writer, model_dir, tokens, scores, types)
     return True
 
 
