@@ -43,9 +43,12 @@ metadata (fitted with GGUF_WORK_BYTES on the fixture models' peak RSS: Llama-3 B
 TOKENIZER_BYTES_PER_TOKEN = 130
 """tokenizer.json bytes per vocabulary entry, for folders without one (real files: 75-135)."""
 
-GGUF_CHUNK_ELEMENTS = 1 << 24
+GGUF_CHUNK_ELEMENTS = 1 << 22
 """The converter reads a tensor in row chunks of at most this many elements (convert.CHUNK_ELEMENTS);
-Llama's q/k projections are read whole because their rows are permuted."""
+Llama's q/k projections in chunks of whole heads, because their rows are permuted within a head."""
+
+GGUF_IN_FLIGHT = 6
+"""Chunks the converter holds at once at most (convert.IN_FLIGHT on a machine with 4 or more cores)."""
 
 GGUF_WORK_BYTES = 10
 """Working bytes per element of a chunk while converting: its float32 copy plus the quantizer's buffers."""
@@ -759,9 +762,10 @@ def _adapter_ram(base: ModelSize, lora: ModelSize) -> int:
 
 def gguf_ram(base: ModelSize, methods: list[str], lora: ModelSize | None = None) -> int:
     """Peak RAM of one GGUF pass writing every method in ``methods`` (fusing ``lora`` when given)."""
-    chunk = gguf_chunk_elements(base)
-    ram = BASE_RAM + TOKENIZER_RAM_FACTOR * _tokenizer_bytes(base) + chunk * GGUF_WORK_BYTES
-    ram += sum(chunk * _bits(m) // 8 for m in methods)
+    chunk = gguf_chunk_elements(base, whole=lora is not None)
+    per_chunk = GGUF_WORK_BYTES + sum(_bits(m) for m in methods) // 8
+    held = 1 if lora is not None else GGUF_IN_FLIGHT  # fused: one whole tensor at a time
+    ram = BASE_RAM + TOKENIZER_RAM_FACTOR * _tokenizer_bytes(base) + held * chunk * per_chunk
     return ram + (_adapter_ram(base, lora) if lora is not None else 0)
 
 
@@ -782,16 +786,21 @@ def _ram_problem(step: str, need: int, rt: Runtime) -> str:
             f"{gb(need - budget)} short).")
 
 
-def gguf_chunk_elements(model: ModelSize) -> int:
-    """Elements of the largest piece the converter holds at once (one row chunk, or a whole permuted q/k)."""
-    permuted = model.config.get("model_type") in ("llama", "mistral")
+def gguf_chunk_elements(model: ModelSize, whole: bool = False) -> int:
+    """Elements of the largest piece the converter holds at once: one row chunk (rounded to whole heads for
+    permuted q/k), or with ``whole`` (an adapter fused while converting) the largest tensor."""
     biggest = 0
     for t in model.tensors:
-        if len(t.shape) < 2 or (permuted and t.name.endswith(("q_proj.weight", "k_proj.weight"))):
+        if len(t.shape) < 2 or whole:
             biggest = max(biggest, t.numel)
             continue
         row = t.numel // t.shape[0]
-        biggest = max(biggest, min(t.numel, max(1, GGUF_CHUNK_ELEMENTS // row) * row))
+        rows = max(1, GGUF_CHUNK_ELEMENTS // row)
+        if t.name.endswith(("q_proj.weight", "k_proj.weight")):
+            head_dim = int(model.config.get("head_dim") or model.config.get("hidden_size", row)
+                           // max(1, int(model.config.get("num_attention_heads", 1))))
+            rows = max(1, rows // max(1, head_dim)) * max(1, head_dim)
+        biggest = max(biggest, min(t.numel, rows * row))
     return biggest
 
 

@@ -13,6 +13,8 @@ The metadata and tensors follow llama.cpp's reference converter for the same mod
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import errno
 import json
 import logging
@@ -22,6 +24,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +43,12 @@ from unsloth_nb.plan import read_header, resolve_model
 
 logger = logging.getLogger(__name__)
 
-CHUNK_ELEMENTS = 1 << 24
-"""Rows are read and quantized in chunks of at most this many elements (64 MiB as float32)."""
+CHUNK_ELEMENTS = 1 << 22
+"""Rows are read and quantized in chunks of at most this many elements (16 MiB as float32)."""
+WORKERS = max(1, min(4, os.cpu_count() or 1))
+"""Threads that read and encode chunks at the same time (numpy, torch and file reads release the GIL)."""
+IN_FLIGHT = WORKERS + 2
+"""Chunks read or encoded ahead of the writer at most: bounds memory to a few chunks."""
 
 
 @dataclass(frozen=True)
@@ -139,30 +147,35 @@ class _Safetensors:
             raise UserError(f"{path} is not a readable safetensors file ({exc}). It may be truncated or "
                             "corrupt (or hold pre-quantized weights). Fix: download or save it again in "
                             "16-bit.") from exc
-        self.file: Any = None
+        self.fd: int | None = None
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Tensor name -> shape."""
         return {k: tuple(v["shape"]) for k, v in self.entries.items()}
 
     def rows(self, name: str, rows: slice) -> torch.Tensor:
-        """Rows ``rows`` of tensor ``name`` (the whole tensor for 1-D ones), in its stored dtype."""
+        """Rows ``rows`` of tensor ``name`` (the whole tensor for 1-D ones), in its stored dtype.
+
+        Reads with ``pread`` at an absolute offset, so several threads may read from one file at once."""
         entry = self.entries[name]
         dtype, shape = _ST_DTYPES[entry["dtype"]], tuple(entry["shape"]) or (1,)
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         first, last, _ = rows.indices(shape[0])
         buffer = bytearray((last - first) * row_bytes)
-        if self.file is None:
-            self.file = open(self.path, "rb")
-        self.file.seek(self.base + entry["data_offsets"][0] + first * row_bytes)
-        if self.file.readinto(buffer) != len(buffer):
-            raise OSError(f"{self.path} ended early while reading {name}")
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        offset, view, done = self.base + entry["data_offsets"][0] + first * row_bytes, memoryview(buffer), 0
+        while done < len(buffer):
+            got = os.preadv(self.fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise OSError(f"{self.path} ended early while reading {name}")
+            done += got
         return torch.frombuffer(buffer, dtype=dtype).reshape(last - first, *shape[1:])
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class _Model:
@@ -381,15 +394,16 @@ def layout(model_dir: str | os.PathLike[str], method: str | recipes.Method,
 
 
 def _load(t: _Tensor, model: _Model, handles: dict[Path, _Safetensors], rows: slice) -> torch.Tensor:
-    """Rows of one tensor as float32 (merged with the adapter if any), transformed as llama.cpp expects."""
+    """Rows of one tensor in their stored dtype (merged with the adapter if any), transformed as llama.cpp
+    expects. Encoders cast to float32 themselves, so a bf16 -> bf16 copy never makes a float32 copy."""
     if t.data is not None:
         return t.data[rows]
     if model.merged is not None:
-        x = model.merged.get(t.hf_name)[rows].to(torch.float32)
+        x = model.merged.get(t.hf_name)[rows]
     else:
-        x = handles[t.part].rows(t.hf_name, rows).to(torch.float32)
+        x = handles[t.part].rows(t.hf_name, rows)
     if t.heads is not None:
-        x = archs.permute_qk(x, t.heads)
+        x = archs.permute_qk(x, t.heads * x.shape[0] // t.shape[0])
     return x.contiguous()
 
 
@@ -408,11 +422,15 @@ def _encode(x: torch.Tensor, qtype: gguf.GGMLQuantizationType, device: str | Non
 
 
 def _row_chunks(t: _Tensor, model: _Model) -> list[slice]:
-    """Row ranges read at once: whole tensors when permuted, merged or 1-D, else about CHUNK_ELEMENTS."""
-    if len(t.shape) < 2 or t.heads is not None or model.merged is not None:
+    """Row ranges read at once: about CHUNK_ELEMENTS, whole heads for permuted q/k (the permutation stays
+    inside a head), whole tensors when merged with an adapter or 1-D."""
+    if len(t.shape) < 2 or model.merged is not None:
         return [slice(None)]
     row = int(np.prod(t.shape[1:]))
     step = max(1, CHUNK_ELEMENTS // max(row, 1))
+    if t.heads is not None:
+        head_rows = t.shape[0] // t.heads
+        step = max(1, step // head_rows) * head_rows
     return [slice(r, min(r + step, t.shape[0])) for r in range(0, t.shape[0], step)]
 
 
@@ -627,10 +645,24 @@ def _pad(fout: Any) -> None:
     fout.write(bytes(gguf.GGUFWriter.ggml_pad(pos, gguf.GGUF_DEFAULT_ALIGNMENT) - pos))
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` for the block (None: unchanged), restored afterwards."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _write(model: _Model, plans: list[_Plan], heads: list[list[bytes]], temps: list[list[Path]],
            device: str | None, progress: bool) -> list[list[str]]:
     """Stream every tensor once from the safetensors into all the files (heads first, then aligned data).
 
+    Chunks are read and encoded by WORKERS threads, at most IN_FLIGHT ahead, while this thread writes them in
+    order; on the CPU each worker keeps torch to one thread, so the workers, not torch, share the cores.
     Returns the sha256 of every file written, per plan and shard.
     """
     total = sum(int(np.prod(t.shape)) for t in model.tensors)
@@ -641,6 +673,35 @@ def _write(model: _Model, plans: list[_Plan], heads: list[list[bytes]], temps: l
         bar = tqdm(total=total, unit="param", unit_scale=True, desc=f"GGUF {model.name}", leave=False)
     files: list[list[Any]] = []
     handles = {}
+
+    def encode(i: int, t: _Tensor, rows: slice) -> tuple[int, list[np.ndarray]]:
+        try:
+            x = _load(t, model, handles, rows)
+        except Exception as exc:
+            raise UserError(f"Reading tensor {t.hf_name} from {t.part} failed ({exc}). The file may be "
+                            "corrupt. Fix: download or save the model again.") from exc
+        return x.numel(), [np.ascontiguousarray(_encode(x, plan.types[i], device)) for plan in plans]
+
+    on_cpu = (device or quants.default_device()) == "cpu"
+    # fusing an adapter holds whole merged tensors: one at a time, as the planner counts
+    workers, in_flight = (1, 1) if model.merged is not None else (WORKERS, IN_FLIGHT)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="gguf")
+    pending: collections.deque[tuple[int, Future]] = collections.deque()
+    written = -1
+
+    def write_next() -> None:
+        nonlocal written
+        i, future = pending.popleft()
+        if i != written:
+            for plan, plan_files in zip(plans, files, strict=True):
+                _pad(plan_files[plan.shard_of[i]])
+            written = i
+        count, parts = future.result()
+        for plan, plan_files, data in zip(plans, files, parts, strict=True):
+            plan_files[plan.shard_of[i]].write(memoryview(data).cast("B"))
+        if bar is not None:
+            bar.update(count)
+
     try:
         for plan_heads, plan_temps in zip(heads, temps, strict=True):
             files.append([])
@@ -649,25 +710,20 @@ def _write(model: _Model, plans: list[_Plan], heads: list[list[bytes]], temps: l
                 files[-1][-1].write(head)
         for part in sorted({t.part for t in model.tensors if t.part is not None}):
             handles[part] = _Safetensors(part)
-        for i, t in enumerate(model.tensors):
-            outs = [plan_files[plan.shard_of[i]] for plan, plan_files in zip(plans, files, strict=True)]
-            for fout in outs:
-                _pad(fout)
-            for rows in _row_chunks(t, model):
-                try:
-                    x = _load(t, model, handles, rows)
-                except Exception as exc:
-                    raise UserError(f"Reading tensor {t.hf_name} from {t.part} failed ({exc}). The file may be "
-                                    "corrupt. Fix: download or save the model again.") from exc
-                for plan, fout in zip(plans, outs, strict=True):
-                    fout.write(memoryview(np.ascontiguousarray(_encode(x, plan.types[i], device))).cast("B"))
-                if bar is not None:
-                    bar.update(x.numel())
+        with _torch_threads(1 if on_cpu and workers > 1 else None):
+            for i, t in enumerate(model.tensors):
+                for rows in _row_chunks(t, model):
+                    pending.append((i, pool.submit(encode, i, t, rows)))
+                    if len(pending) >= in_flight:
+                        write_next()
+            while pending:
+                write_next()
         for fout in (f for plan_files in files for f in plan_files):
             _pad(fout)
             fout.close()
         return [[fout.hexdigest() for fout in plan_files] for plan_files in files]
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
         for fout in (f for plan_files in files for f in plan_files):
