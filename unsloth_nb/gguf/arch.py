@@ -7,6 +7,7 @@ so that a file from either writer loads the same way in llama.cpp, transformers 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -247,13 +248,19 @@ def gguf_tensor_name(arch: Arch, hf_name: str, n_blocks: int) -> str | None:
     name = hf_name.replace("language_model.", "").replace("text_model.", "")
     if name.endswith(_SKIPPED_SUFFIXES):
         return None
-    new = gguf.get_tensor_name_map(arch.gguf_arch, n_blocks).get_name(name, try_suffixes=(".weight", ".bias"))
+    new = _name_map(arch.gguf_arch, n_blocks).get_name(name, try_suffixes=(".weight", ".bias"))
     if new is None:
         raise UserError(
             f"The tensor {hf_name!r} has no GGUF name for the {arch.name} architecture, so this checkpoint "
             "holds something the native writer does not know. Fix: convert with `--backend llama.cpp`."
         )
     return new
+
+
+@functools.lru_cache(maxsize=4)
+def _name_map(gguf_arch: gguf.MODEL_ARCH, n_blocks: int) -> gguf.TensorNameMap:
+    """gguf-py's HF -> GGUF name table (building it takes ~7 ms, so once per model, not per tensor)."""
+    return gguf.get_tensor_name_map(gguf_arch, n_blocks)
 
 
 def qk_heads(arch: Arch, hf_name: str, hparams: dict[str, Any]) -> int | None:

@@ -8,6 +8,7 @@ scores, token types), Llama-style HF BPE with byte fallback (gguf-py's ``LlamaHf
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -48,8 +49,16 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, A
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON file's content ({} when absent), parsed once per file version: a 128k-token tokenizer.json takes
+    most of a second to parse. Callers must not modify the result."""
     if not path.is_file():
         return {}
+    stat = path.stat()
+    return _parse_json(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_json(path: Path, mtime_ns: int, size: int) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -102,6 +111,11 @@ def _add_llama(writer: gguf.GGUFWriter, model_dir: Path, tokens: list, scores: l
 
 def _llama_hf(writer: gguf.GGUFWriter, model_dir: Path) -> bool:
     """``llama`` vocabulary from a Llama-style tokenizer.json (BPE with byte fallback); False if not one."""
+    tokenizer = _read_json(model_dir / "tokenizer.json")
+    model = tokenizer.get("model") or {}
+    if (model.get("type") != "BPE" or not model.get("byte_fallback", False)
+            or (tokenizer.get("decoder") or {}).get("type") != "Sequence"):
+        return False  # what gguf-py's LlamaHfVocab refuses, checked without parsing the file again
     try:
         vocab = gguf.LlamaHfVocab(model_dir)
     except (FileNotFoundError, TypeError):
