@@ -40,37 +40,98 @@ def read_and_write(model: Path, out: Path, size: int) -> float:
     return seconds
 
 
-def main() -> None:
+def parity_and_speed(shape: tuple[int, int]) -> None:
+    """CUDA kernels against the CPU, whose bytes equal llama.cpp's C (tests/test_quants.py): identical blocks
+    per type and throughput on the GPU, copy back to the host included."""
     import gguf
     import torch
 
+    from unsloth_nb.gguf import quants
+
+    torch.manual_seed(0)
+    x = (torch.randn(*shape) * 0.02).to(torch.bfloat16)
+    x[::97, ::13] *= 40  # outliers
+    x[:4] = 0  # all-zero blocks
+    x[4:8] = 0.5  # constant blocks
+    gpu = x.cuda()
+    for qtype in quants.K_QUANTS:
+        reference = quants.quantize(x[:1024], qtype, device="cpu")
+        quants.quantize(gpu, qtype, device="cuda")  # warm-up
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        out = quants.quantize(gpu, qtype, device="cuda")
+        seconds = time.perf_counter() - started
+        block = gguf.GGML_QUANT_SIZES[qtype][1]
+        same = (out[:1024].reshape(-1, block) == reference.reshape(-1, block)).all(axis=1).mean()
+        print(f"{qtype.name}: {x.numel() / seconds / 1e6:.0f} M weights/s; blocks identical to the CPU/C bytes: "
+              f"{same * 100:.3f}%", flush=True)
+
+
+def identical_tensors(a: Path, b: Path) -> str:
+    """How many tensors of two GGUF files have the same name, type and bytes ("n of m")."""
+    import gguf
+    import numpy as np
+
+    theirs = {t.name: t for t in gguf.GGUFReader(b).tensors}
+    ours = gguf.GGUFReader(a).tensors
+    same = sum(t.name in theirs and t.tensor_type == theirs[t.name].tensor_type
+               and np.array_equal(t.data, theirs[t.name].data) for t in ours)
+    return f"{same} of {len(ours)}"
+
+
+def llamacpp_quantize(src: Path, dst: Path) -> float:
+    """Seconds for llama.cpp's llama_model_quantize (Q4_K_M) on every host core."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.nthread = os.cpu_count()
+    started = time.perf_counter()
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) == 0
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    import torch
+
     from unsloth_nb import fixtures
-    from unsloth_nb.gguf import convert, quants
+    from unsloth_nb.gguf import convert, requantize
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="1b")
     args = parser.parse_args()
     model = fixtures.build_model("llama3", args.shape)
-    print(f"GPU: {torch.cuda.get_device_name(0)}; model {model}")
-
-    x = torch.randn(8192, 2048, dtype=torch.bfloat16, device="cuda") * 0.02
-    for qtype in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K):
-        quants.quantize(x, qtype, device="cuda")
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        quants.quantize(x, qtype, device="cuda")
-        seconds = time.perf_counter() - started
-        print(f"{qtype.name}: 8192x2048 in {seconds * 1000:.0f} ms ({x.numel() / seconds / 1e6:.0f} M weights/s, "
-              "including the copy back to the host)")
+    print(f"GPU: {torch.cuda.get_device_name(0)}; {os.cpu_count()} host cores; model {model}", flush=True)
+    parity_and_speed((8192, 2048))
 
     with tempfile.TemporaryDirectory() as tmp:
-        convert.convert(model, ["q4_k_m"], Path(tmp) / "warm", device="cuda", progress=False)
+        work = Path(tmp)
         started = time.perf_counter()
-        result = convert.convert(model, ["q4_k_m"], Path(tmp) / "out", device="cuda", progress=False)[0]
+        convert.layout(model, "q4_k_m")
+        print(f"metadata and layout alone: {time.perf_counter() - started:.1f} s", flush=True)
+        convert.convert(model, ["q4_k_m"], work / "warm", device="cuda", progress=False)
+        started = time.perf_counter()
+        result = convert.convert(model, ["q4_k_m"], work / "out", device="cuda", progress=False)[0]
         export = time.perf_counter() - started
-        floor = read_and_write(model, Path(tmp) / "io.bin", result.size)
-    print(f"Q4_K_M export: {export:.1f} s for {result.size / 1e9:.2f} GB; read + write floor {floor:.1f} s; "
-          f"ratio {export / floor:.2f} (target <= 1.5)")
+        floor = read_and_write(model, work / "io.bin", result.size)
+        print(f"Q4_K_M export: {export:.1f} s for {result.size / 1e9:.2f} GB; read + write floor {floor:.1f} s; "
+              f"ratio {export / floor:.2f} (target <= 1.5)", flush=True)
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print("llama_cpp not importable here: no llama.cpp comparison")
+            return
+        bf16 = convert.convert(model, ["bf16"], work / "bf16", progress=False)[0].path
+        ours = requantize.requantize(bf16, ["q4_k_m"], work / "ours", device="cuda", progress=False)[0]
+        (work / "ours").joinpath(ours.path.name).unlink()
+        started = time.perf_counter()
+        ours = requantize.requantize(bf16, ["q4_k_m"], work / "ours", device="cuda", progress=False)[0]
+        ours_s = time.perf_counter() - started
+        theirs_s = llamacpp_quantize(bf16, work / "llama.q4_k_m.gguf")
+        same = identical_tensors(ours.path, work / "llama.q4_k_m.gguf")
+        print(f"BF16 GGUF -> Q4_K_M: llama.cpp on {os.cpu_count()} cores {theirs_s:.1f} s; unsloth_nb on the GPU "
+              f"{ours_s:.1f} s; ratio {theirs_s / ours_s:.1f}x; tensors with identical type and bytes: {same}",
+              flush=True)
 
 
 if __name__ == "__main__":

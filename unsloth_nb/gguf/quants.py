@@ -120,29 +120,40 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
     err = diff.abs_() if use_mad else diff.mul_(diff)
     best_error = _seq_sum(err.mul_(w))
     best_iscale, best_mn = torch.where(flat, 0.0, iscale), mn
-    for step in range(nstep + 1):
-        factor = _f32(rmin) + _f32(rdelta) * _f32(step) + _f32(nmax)
-        iscale = _cdiv(float(factor), torch.where(flat, 1.0, mx - mn))
-        lf = _round_clamp(iscale * (x - mn), 0, nmax, exact)
-        wl = w * lf
-        sum_l, sum_xl, sum_l2 = _seq_sum(torch.stack([wl, wl * x, wl * lf], dim=1))
-        det = sum_w * sum_l2 - sum_l * sum_l
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-        positive = this_min > 0
-        this_min = torch.where(positive, 0.0, this_min)
-        this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
-        diff = lf.mul_(this_scale).add_(this_min).sub_(x)
-        err = diff.abs_() if use_mad else diff.mul_(diff)
-        cur_error = _seq_sum(err.mul_(w))
-        better = (det > 0) & (cur_error < best_error) & ~flat
-        best_iscale = torch.where(better, iscale, best_iscale)
-        best_mn = torch.where(better, mn, best_mn)
-        best_error = torch.where(better, cur_error, best_error)
-        scale = torch.where(better, this_scale, scale)
-        mn = torch.where(better, this_min, mn)
+    factors = torch.tensor([_f32(rmin) + _f32(rdelta) * _f32(step) + _f32(nmax) for step in range(nstep + 1)],
+                           dtype=torch.float32, device=x.device)
+    for factor in factors:
+        best_error, best_iscale, best_mn, scale, mn = _qkx2_trial(x, w, mx, flat, sum_w, sum_x, factor, best_error,
+                                                                  best_iscale, best_mn, scale, mn, nmax, use_mad,
+                                                                  exact)
     L = _round_clamp(best_iscale * (x - best_mn), 0, nmax, exact)
     return torch.where(flat, 0.0, scale), -mn, L
+
+
+def _qkx2_trial(x: torch.Tensor, w: torch.Tensor, mx: torch.Tensor, flat: torch.Tensor, sum_w: torch.Tensor,
+                sum_x: torch.Tensor, factor: torch.Tensor, best_error: torch.Tensor, best_iscale: torch.Tensor,
+                best_mn: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, nmax: int, use_mad: bool,
+                exact: bool) -> tuple[torch.Tensor, ...]:
+    """One trial inverse scale of make_qkx2_quants: fit (scale, min) for it and keep it where it is better.
+
+    Returns the updated (best_error, best_iscale, best_mn, scale, mn)."""
+    iscale = factor / torch.where(flat, 1.0, mx - mn)
+    lf = _round_clamp(iscale * (x - mn), 0, nmax, exact)
+    wl = w * lf
+    sum_l, sum_xl, sum_l2 = _seq_sum(torch.stack([wl, wl * x, wl * lf], dim=1))
+    det = sum_w * sum_l2 - sum_l * sum_l
+    this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+    this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+    positive = this_min > 0
+    this_min = torch.where(positive, 0.0, this_min)
+    this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
+    diff = lf.mul_(this_scale).add_(this_min).sub_(x)
+    err = diff.abs_() if use_mad else diff.mul_(diff)
+    cur_error = _seq_sum(err.mul_(w))
+    better = (det > 0) & (cur_error < best_error) & ~flat
+    return (torch.where(better, cur_error, best_error), torch.where(better, iscale, best_iscale),
+            torch.where(better, mn, best_mn), torch.where(better, this_scale, scale),
+            torch.where(better, this_min, mn))
 
 
 def _make_qx(x: torch.Tensor, nmax: int, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,28 +163,36 @@ def _make_qx(x: torch.Tensor, nmax: int, exact: bool) -> tuple[torch.Tensor, tor
     safe = torch.where(tiny, 1.0, mx)
     w = x * x
     wx = w * x
-
-    def trial(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lf = _round_clamp(iscale * x, -nmax, nmax - 1, exact)
-        sums = _seq_sum(torch.stack([wx * lf, (lf * w).mul_(lf)], dim=1))
-        return sums[0], sums[1]
-
     best_iscale = _cdiv(float(-nmax), safe)
-    sumlx, suml2 = trial(best_iscale)
+    sumlx, suml2 = _qx_sums(x, w, wx, best_iscale, nmax, exact)
     scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, 1.0), 0.0)
     best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        iscale = _cdiv(float(-(_f32(nmax) + _f32(0.1) * _f32(step))), safe)
-        sumlx, suml2 = trial(iscale)
-        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        best_iscale = torch.where(better, iscale, best_iscale)
-        scale = torch.where(better, sumlx / suml2, scale)
-        best = torch.where(better, scale * sumlx, best)
+    factors = torch.tensor([-(_f32(nmax) + _f32(0.1) * _f32(step)) for step in range(-9, 10) if step != 0],
+                           dtype=torch.float32, device=x.device)
+    for factor in factors:
+        best_iscale, scale, best = _qx_trial(x, w, wx, safe, factor, best_iscale, scale, best, nmax, exact)
     L = _round_clamp(best_iscale * x, -nmax, nmax - 1, exact).add_(nmax)
     L = torch.where(tiny, 0.0, L)
     return torch.where(tiny, 0.0, scale), L
+
+
+def _qx_sums(x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, iscale: torch.Tensor, nmax: int,
+             exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum(w*x*L) and sum(w*L*L) per column for L = round(iscale * x), as make_qx_quants accumulates them."""
+    lf = _round_clamp(iscale * x, -nmax, nmax - 1, exact)
+    sums = _seq_sum(torch.stack([wx * lf, (lf * w).mul_(lf)], dim=1))
+    return sums[0], sums[1]
+
+
+def _qx_trial(x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, safe: torch.Tensor, factor: torch.Tensor,
+              best_iscale: torch.Tensor, scale: torch.Tensor, best: torch.Tensor, nmax: int,
+              exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One trial inverse scale of make_qx_quants; returns the updated (best_iscale, scale, best)."""
+    iscale = factor / safe
+    sumlx, suml2 = _qx_sums(x, w, wx, iscale, nmax, exact)
+    better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+    new_scale = torch.where(better, sumlx / suml2, scale)
+    return torch.where(better, iscale, best_iscale), new_scale, torch.where(better, new_scale * sumlx, best)
 
 
 def _make_q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -423,7 +442,7 @@ def quantize(x: torch.Tensor | np.ndarray, qtype: T, device: str | None = None) 
     step = _CHUNK_BLOCKS.get(dev.type, 4096)
     blocks = flat.reshape(-1, QK_K)
     for start in range(0, blocks.shape[0], step):
-        chunk = blocks[start:start + step].to(device=dev, dtype=torch.float32)
+        chunk = blocks[start:start + step].to(dev).to(torch.float32)  # 16-bit over the bus, then widened
         _check_finite(chunk)
         out[start:start + chunk.shape[0]] = fn(chunk, _needs_exact_rounding(chunk)).cpu().numpy()
     return out.reshape(*t.shape[:-1], (row_len // QK_K) * type_size)
