@@ -32,7 +32,7 @@ QUANTIZE = """
 import llama_cpp, os
 params = llama_cpp.llama_model_quantize_default_params()
 params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-params.nthread = os.cpu_count()
+params.nthread = len(os.sched_getaffinity(0))
 assert llama_cpp.llama_model_quantize({src!r}.encode(), {dst!r}.encode(), params) == 0
 """
 
@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     model = str(fixtures.build_model("llama3", args.shape))
     work = Path(tempfile.mkdtemp(prefix="bench-gguf-"))
-    print(f"model: {model}; {os.cpu_count()} CPU cores")
+    print(f"model: {model}; {len(os.sched_getaffinity(0))} CPU cores")
     lines = ["| method | llama.cpp | native | wall ratio (native / llama.cpp) | peak RSS llama.cpp | peak RSS native |",
              "| --- | --- | --- | --- | --- | --- |"]
     try:

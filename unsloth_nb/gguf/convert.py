@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 CHUNK_ELEMENTS = 1 << 22
 """Rows are read and quantized in chunks of at most this many elements (16 MiB as float32)."""
-WORKERS = max(1, min(4, os.cpu_count() or 1))
+WORKERS = max(1, min(4, len(os.sched_getaffinity(0))))
 """Threads that read and encode chunks at the same time (numpy, torch and file reads release the GIL)."""
 IN_FLIGHT = WORKERS + 2
 """Chunks read or encoded ahead of the writer at most: bounds memory to a few chunks."""
