@@ -530,3 +530,31 @@ def test_new_architectures_q4_k_m_types_match_llama_quantize(new_arch, tmp_path:
     tensors = _compare_types(theirs, method, _model_shape(gguf.GGUFReader(str(reference["bf16"]))))
     ours = gguf.GGUFReader(native["q4_k_m"]).tensors  # llama.cpp writes them in its own order
     assert {t.name: int(t.tensor_type) for t in ours} == {t.name: int(t.tensor_type) for t in tensors}
+
+
+def test_gemma3_multimodal_checkpoint_gives_its_text_model(tmp_path: Path) -> None:
+    """Gemma3ForConditionalGeneration: the vision tower and projector are left out (3 vision layers do not
+    upset the layer count), as the reference does; bf16 and q8_0 files equal its files and run in llama.cpp."""
+    import llama_cpp
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    text = Gemma3TextConfig(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=256, sliding_window=512)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=31999,
+                          boi_token_index=31998, eoi_token_index=31997)
+    torch.manual_seed(0)
+    model_dir = tmp_path / "gemma3_vlm"
+    Gemma3ForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(model_dir)
+    for f in fixtures.build_tokenizer("llama2").iterdir():
+        if f.is_file() and f.name != "config.json":
+            shutil.copy(f, model_dir / f.name)
+    for r in convert.convert(model_dir, ["bf16", "q8_0"], tmp_path / "native", progress=False):
+        assert r.path.read_bytes() == run_reference(model_dir, r.method, tmp_path / f"ref.{r.method}.gguf").read_bytes()
+        reader = gguf.GGUFReader(r.path)
+        assert reader.fields["general.architecture"].contents() == "gemma3"
+        assert len(reader.tensors) == 1 + 2 * 13 + 1  # token_embd, 13 per block, output_norm
+        llm = llama_cpp.Llama(model_path=str(r.path), n_ctx=64, n_threads=2, verbose=False)
+        assert llm.create_completion("Hello", max_tokens=4, temperature=0.0)["usage"]["completion_tokens"] >= 1
+        del llm

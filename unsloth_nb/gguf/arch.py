@@ -104,7 +104,10 @@ def load_hparams(model_dir: Path) -> dict[str, Any]:
         logger.debug("transformers could not read %s (%s); using the raw config.json", config_file, exc)
         hparams = raw
     if "text_config" in hparams:
+        top = hparams.get("architectures")
         hparams = {**hparams, **hparams["text_config"]}
+        if not hparams.get("architectures"):  # a text_config without its own keeps the model's (Gemma 3)
+            hparams["architectures"] = top
     return hparams
 
 
