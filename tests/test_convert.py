@@ -231,7 +231,10 @@ def test_error_unsupported_architecture(llama2_dir: Path, tmp_path: Path, capsys
     config.update(architectures=["FalconForCausalLM"], model_type="falcon")
     (model / "config.json").write_text(json.dumps(config))
     err = _cli_error(["gguf", str(model), "--quant", "q8_0", "--out", str(tmp_path / "o")], capsys)
-    assert "FalconForCausalLM" in err and "LlamaForCausalLM" in err and "--backend llama.cpp" in err
+    assert "FalconForCausalLM" in err and "--backend llama.cpp" in err
+    supported = ("Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, LLaMAForCausalLM, "
+                 "LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM")
+    assert f"It writes: {supported}." in err
 
 
 def test_error_corrupt_safetensors(llama2_dir: Path, tmp_path: Path, capsys) -> None:
@@ -279,22 +282,79 @@ def test_failed_write_leaves_no_partial_file(llama2_dir: Path, tmp_path: Path) -
 
 
 def _build_extra_model(kind: str, dest: Path) -> Path:
-    """A tiny random model of an architecture the fixtures do not cover, with a fixture's real tokenizer."""
-    from transformers import AutoModelForCausalLM, MistralConfig, Qwen3Config
+    """A tiny random model of an architecture the fixtures do not cover, with a fixture's real tokenizer.
+
+    Gemma 2/3 and Phi-3 get random norm weights (so Gemma's +1 and its rounding show). Gemma has head_dim =
+    query_pre_attn_scalar = 256 as the real 2B-12B models (no GGUF key holds the scalar: llama.cpp and
+    transformers' GGUF loader assume this); with 2 layers Gemma 3's layers are all sliding-window ones, as
+    llama.cpp's fixed pattern of 6 has it. Phi-3 has longrope factors and Phi-3's added tokens. "gemma3_f16"
+    is Gemma 3 stored in float16 (the norm +1 then rounds in f16, as the reference does).
+    """
+    from transformers import (
+        AutoModelForCausalLM,
+        Gemma2Config,
+        Gemma3TextConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen3Config,
+    )
 
     common = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=64, max_position_embeddings=2048)
+    tokenizer, dtype = "llama2", torch.bfloat16
     if kind == "mistral":
-        tokenizer, config = "llama2", MistralConfig(vocab_size=32000, tie_word_embeddings=False, **common)
-    else:
+        config = MistralConfig(vocab_size=32000, tie_word_embeddings=False, **common)
+    elif kind == "qwen3":
         tokenizer, config = "qwen2", Qwen3Config(vocab_size=151936, tie_word_embeddings=True, **common)
+    elif kind == "gemma2":
+        common["head_dim"] = 256
+        config = Gemma2Config(vocab_size=32000, sliding_window=512, **common)
+    elif kind.startswith("gemma3"):
+        rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}
+        common["head_dim"] = 256
+        config = Gemma3TextConfig(vocab_size=32000, sliding_window=512, rope_parameters=rope, **common)
+        dtype = torch.float16 if kind == "gemma3_f16" else dtype
+    elif kind == "phi3":
+        common.pop("head_dim")
+        common["max_position_embeddings"] = 8192
+        rope = {"rope_type": "longrope", "long_factor": [1.0 + i / 4 for i in range(32)],
+                "short_factor": [1.0 + i / 8 for i in range(32)]}
+        config = Phi3Config(vocab_size=32064, original_max_position_embeddings=2048, rope_scaling=rope, **common)
+    else:
+        raise ValueError(kind)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    if kind not in ("mistral", "qwen3"):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(0, 0.5)
     model.save_pretrained(dest)
     for f in fixtures.build_tokenizer(tokenizer).iterdir():
         if f.is_file() and f.name != "config.json":
             shutil.copy(f, dest / f.name)
+    if kind == "phi3":
+        _add_tokens(dest, {"<|endoftext|>": True, "<|assistant|>": True, "<|placeholder1|>": False, "<|end|>": True},
+                    first=32000)
     return dest
+
+
+def _add_tokens(dest: Path, tokens: dict[str, bool], first: int) -> None:
+    """Added tokens (text -> special) as Phi-3 ships them: in tokenizer.json, tokenizer_config.json's
+    added_tokens_decoder and added_tokens.json. llama.cpp needs <|endoftext|> in a model named phi3."""
+    tokenizer = json.loads((dest / "tokenizer.json").read_text(encoding="utf-8"))
+    config = json.loads((dest / "tokenizer_config.json").read_text(encoding="utf-8"))
+    decoder = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in tokenizer["added_tokens"]}
+    for i, (text, special) in enumerate(tokens.items(), first):
+        entry = dict(content=text, single_word=False, lstrip=False, rstrip=special, normalized=False,
+                     special=special)
+        tokenizer["added_tokens"].append({"id": i, **entry})
+        decoder[str(i)] = entry
+    config["added_tokens_decoder"] = decoder
+    (dest / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
+    (dest / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (dest / "added_tokens.json").write_text(json.dumps({t: i for i, t in enumerate(tokens, first)}))
 
 
 @pytest.mark.parametrize("kind", ["mistral", "qwen3"])
@@ -371,3 +431,130 @@ def test_refused_before_writing_when_ram_cannot_hold_the_pass(llama2_dir: Path, 
         convert.convert(llama2_dir, ["q8_0"], tmp_path / "out", progress=False)
     assert "Fix:" in str(info.value)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+NEW_ARCHITECTURES = ("gemma2", "gemma3", "phi3")
+FLOAT_AND_Q8 = ("f32", *REFERENCE_TYPES)
+IDS = [1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278]
+
+
+@pytest.fixture(scope="module", params=NEW_ARCHITECTURES)
+def new_arch(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """(kind, model folder, {method: native file}, {type: reference file}) for Gemma 2, Gemma 3 and Phi-3."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    model_dir = _build_extra_model(request.param, tmp / request.param)
+    results = convert.convert(model_dir, [*FLOAT_AND_Q8, "q4_k_m"], tmp / "native", progress=False)
+    native = {r.method: r.path for r in results}
+    reference = {t: run_reference(model_dir, t, tmp / f"reference.{t}.gguf") for t in FLOAT_AND_Q8}
+    return request.param, model_dir, native, reference
+
+
+def test_new_architectures_are_byte_identical_to_llamacpp(new_arch) -> None:
+    """Gemma 2 (norm +1, soft-capping, lm_head dropped), Gemma 3 (q/k norms, linear rope, swa base) and Phi-3
+    (fused qkv and gate_up, longrope factors, its own vocabulary reader): f32, f16, bf16, q8_0 files equal."""
+    kind, _, native, reference = new_arch
+    for outtype in FLOAT_AND_Q8:
+        assert native[outtype].read_bytes() == reference[outtype].read_bytes(), outtype
+    reader = gguf.GGUFReader(native["bf16"])
+    names = {t.name for t in reader.tensors}
+    expected = {"gemma2": {"blk.0.post_ffw_norm.weight"}, "gemma3": {"blk.0.attn_q_norm.weight"},
+                "phi3": {"blk.0.attn_qkv.weight", "rope_factors_long.weight", "rope_factors_short.weight"}}
+    assert expected[kind] <= names
+    assert ("output.weight" in names) == (kind == "phi3")
+
+
+def test_gemma_norm_shift_rounds_in_float16_like_the_reference(tmp_path: Path) -> None:
+    """For an f16 checkpoint the reference adds 1 in f16 (bf16 and f32 are added in float32): same bytes."""
+    from safetensors import safe_open
+
+    model_dir = _build_extra_model("gemma3_f16", tmp_path / "gemma3_f16")
+    (ours,) = convert.convert(model_dir, ["f32"], tmp_path / "native", progress=False)
+    assert ours.path.read_bytes() == run_reference(model_dir, "f32", tmp_path / "reference.gguf").read_bytes()
+    with safe_open(model_dir / "model.safetensors", framework="pt") as f:
+        hf = f.get_tensor("model.layers.0.input_layernorm.weight")
+    written = {t.name: t for t in gguf.GGUFReader(ours.path).tensors}["blk.0.attn_norm.weight"].data
+    assert hf.dtype == torch.float16 and np.array_equal(written, (hf + 1).float().numpy())
+    assert not np.array_equal(written, (hf.float() + 1).numpy())
+
+
+def test_new_architectures_run_in_llamacpp(new_arch) -> None:
+    """Every file generates; the f32 file's logits are the HF model's within 0.1% of the largest logit
+    (f32 KV cache; what is left is ggml's f16 GELU table for Gemma). For Phi-3 this checks the longrope
+    factors: without them the logits move about 15 times further."""
+    import llama_cpp
+
+    kind, model_dir, native, _ = new_arch
+    expected = _hf_logits(model_dir, torch.tensor([IDS]))[0].numpy()
+    for method, path in native.items():
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, verbose=False, logits_all=True,
+                              type_k=0, type_v=0)
+        out = llm.create_completion("Hello", max_tokens=4, temperature=0.0)
+        assert out["usage"]["completion_tokens"] >= 1, method
+        if method == "f32":
+            llm.reset()
+            llm.eval(IDS)
+            got = np.array(llm.scores[:len(IDS)])
+            assert float(np.abs(got - expected).max()) <= 1e-3 * float(np.abs(expected).max()), kind
+        del llm
+
+
+def test_new_architectures_in_transformers_gguf_loader(new_arch) -> None:
+    """transformers' GGUF loader on the bf16 file: the same logits as the HF model, exactly. The loader keeps
+    no rope scaling: Gemma 3's linear factor is dropped (harmless here: only full-attention layers use it),
+    and so are Phi-3's longrope factors, so for Phi-3 the HF side runs with the rope settings the loader
+    reads back (llama.cpp's logits above check the factors); everything else is compared."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kind, model_dir, native, _ = new_arch
+    path = native["bf16"]
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(model_dir)
+    if kind == "phi3":
+        rope = loaded.config.rope_parameters
+        assert rope["rope_type"] == "default" and rope["rope_theta"] == config.rope_parameters["rope_theta"]
+        config.rope_parameters = rope
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32)
+    ids = torch.tensor([IDS])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, hf(ids).logits), kind
+
+
+def test_new_architectures_q4_k_m_types_match_llama_quantize(new_arch, tmp_path: Path) -> None:
+    """llama_model_quantize on the reference's BF16 file picks, per tensor, the types our Q4_K_M file has."""
+    from test_recipes import _compare_types, _llama_quantize, _model_shape
+
+    _, _, native, reference = new_arch
+    method = convert.resolve_method("q4_k_m")
+    theirs = tmp_path / "theirs.Q4_K_M.gguf"
+    _llama_quantize(reference["bf16"], theirs, method)
+    tensors = _compare_types(theirs, method, _model_shape(gguf.GGUFReader(str(reference["bf16"]))))
+    ours = gguf.GGUFReader(native["q4_k_m"]).tensors  # llama.cpp writes them in its own order
+    assert {t.name: int(t.tensor_type) for t in ours} == {t.name: int(t.tensor_type) for t in tensors}
+
+
+def test_gemma3_multimodal_checkpoint_gives_its_text_model(tmp_path: Path) -> None:
+    """Gemma3ForConditionalGeneration: the vision tower and projector are left out (3 vision layers do not
+    upset the layer count), as the reference does; bf16 and q8_0 files equal its files and run in llama.cpp."""
+    import llama_cpp
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    text = Gemma3TextConfig(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=256, sliding_window=512)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=31999,
+                          boi_token_index=31998, eoi_token_index=31997)
+    torch.manual_seed(0)
+    model_dir = tmp_path / "gemma3_vlm"
+    Gemma3ForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(model_dir)
+    for f in fixtures.build_tokenizer("llama2").iterdir():
+        if f.is_file() and f.name != "config.json":
+            shutil.copy(f, model_dir / f.name)
+    for r in convert.convert(model_dir, ["bf16", "q8_0"], tmp_path / "native", progress=False):
+        assert r.path.read_bytes() == run_reference(model_dir, r.method, tmp_path / f"ref.{r.method}.gguf").read_bytes()
+        reader = gguf.GGUFReader(r.path)
+        assert reader.fields["general.architecture"].contents() == "gemma3"
+        assert len(reader.tensors) == 1 + 2 * 13 + 1  # token_embd, 13 per block, output_norm
+        llm = llama_cpp.Llama(model_path=str(r.path), n_ctx=64, n_threads=2, verbose=False)
+        assert llm.create_completion("Hello", max_tokens=4, temperature=0.0)["usage"]["completion_tokens"] >= 1
+        del llm

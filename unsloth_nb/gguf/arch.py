@@ -40,6 +40,13 @@ class Arch:
     """Whether ``<arch>.vocab_size`` and ``<arch>.rope.dimension_count`` are written (Llama family)."""
     llama3_rope_freqs: bool
     """Whether rope_type "llama3" adds the ``rope_freqs`` tensor."""
+    norm_shift: bool = False
+    """Gemma: HF RMSNorms scale by ``1 + weight``, llama.cpp by ``weight``, so 1 is added to every
+    ``*norm.weight`` (see ``transform``)."""
+    drops_lm_head: bool = False
+    """Gemma 2: ``lm_head.weight`` is never written (the embeddings are always tied in llama.cpp)."""
+    trims_token_embd: bool = False
+    """Gemma 3: ``token_embd`` keeps only the tokenizer's rows (see ``token_rows``)."""
 
     @property
     def name(self) -> str:
@@ -53,6 +60,14 @@ _QWEN2 = Arch(gguf.MODEL_ARCH.QWEN2, permute_qk=False, vocab_order=("sentencepie
               reads_add_prefix_space=False, writes_vocab_size=False, llama3_rope_freqs=False)
 _QWEN3 = Arch(gguf.MODEL_ARCH.QWEN3, permute_qk=False, vocab_order=("sentencepiece", "gpt2"),
               reads_add_prefix_space=False, writes_vocab_size=False, llama3_rope_freqs=False)
+_GEMMA2 = Arch(gguf.MODEL_ARCH.GEMMA2, permute_qk=False, vocab_order=("gemma_sentencepiece",),
+               reads_add_prefix_space=False, writes_vocab_size=False, llama3_rope_freqs=False,
+               norm_shift=True, drops_lm_head=True)
+_GEMMA3 = Arch(gguf.MODEL_ARCH.GEMMA3, permute_qk=False, vocab_order=("gemma_sentencepiece", "gpt2"),
+               reads_add_prefix_space=False, writes_vocab_size=False, llama3_rope_freqs=False,
+               norm_shift=True, trims_token_embd=True)
+_PHI3 = Arch(gguf.MODEL_ARCH.PHI3, permute_qk=False, vocab_order=("phi3",),
+             reads_add_prefix_space=False, writes_vocab_size=False, llama3_rope_freqs=False)
 
 ARCHITECTURES: dict[str, Arch] = {
     "LlamaForCausalLM": _LLAMA,
@@ -60,6 +75,10 @@ ARCHITECTURES: dict[str, Arch] = {
     "MistralForCausalLM": _LLAMA,
     "Qwen2ForCausalLM": _QWEN2,
     "Qwen3ForCausalLM": _QWEN3,
+    "Gemma2ForCausalLM": _GEMMA2,
+    "Gemma3ForCausalLM": _GEMMA3,
+    "Gemma3ForConditionalGeneration": _GEMMA3,
+    "Phi3ForCausalLM": _PHI3,
 }
 """HF ``architectures[0]`` -> rules. Everything else goes through ``--backend llama.cpp``."""
 
@@ -86,7 +105,10 @@ def load_hparams(model_dir: Path) -> dict[str, Any]:
         logger.debug("transformers could not read %s (%s); using the raw config.json", config_file, exc)
         hparams = raw
     if "text_config" in hparams:
+        top = hparams.get("architectures")
         hparams = {**hparams, **hparams["text_config"]}
+        if not hparams.get("architectures"):  # a text_config without its own keeps the model's (Gemma 3)
+            hparams["architectures"] = top
     return hparams
 
 
@@ -159,6 +181,18 @@ def head_dim(hparams: dict[str, Any]) -> int:
 
 def write_hparams(writer: gguf.GGUFWriter, arch: Arch, hparams: dict[str, Any], file_type: int) -> None:
     """The ``<arch>.*`` hyper-parameter keys and ``general.file_type``, in the reference's order."""
+    if arch.gguf_arch == gguf.MODEL_ARCH.GEMMA2:
+        _gemma2_hparams(writer, hparams, file_type)
+    elif arch.gguf_arch == gguf.MODEL_ARCH.PHI3:
+        _phi3_hparams(writer, hparams, file_type)
+    else:
+        _text_hparams(writer, arch, hparams, file_type)
+        if arch.gguf_arch == gguf.MODEL_ARCH.GEMMA3:
+            _gemma3_hparams(writer, hparams)
+
+
+def _text_hparams(writer: gguf.GGUFWriter, arch: Arch, hparams: dict[str, Any], file_type: int) -> None:
+    """The keys every text model gets from the reference (its ``TextModel.set_gguf_parameters``)."""
     writer.add_block_count(block_count(hparams))
     keys = {
         writer.add_context_length: ["max_position_embeddings", "n_ctx", "n_positions", "max_length",
@@ -213,6 +247,150 @@ def write_hparams(writer: gguf.GGUFWriter, arch: Arch, hparams: dict[str, Any], 
         writer.add_rope_dimension_count(head_dim(hparams))
 
 
+def _gemma2_hparams(writer: gguf.GGUFWriter, hparams: dict[str, Any], file_type: int) -> None:
+    """Gemma 2's own key list: no rope keys, soft-capping of attention and final logits, sliding window."""
+    writer.add_context_length(hparams["max_position_embeddings"])
+    writer.add_embedding_length(hparams["hidden_size"])
+    writer.add_block_count(block_count(hparams))
+    writer.add_feed_forward_length(hparams["intermediate_size"])
+    writer.add_head_count(hparams["num_attention_heads"])
+    writer.add_head_count_kv(hparams.get("num_key_value_heads", hparams["num_attention_heads"]))
+    writer.add_layer_norm_rms_eps(hparams["rms_norm_eps"])
+    writer.add_key_length(hparams["head_dim"])
+    writer.add_value_length(hparams["head_dim"])
+    writer.add_file_type(file_type)
+    writer.add_attn_logit_softcapping(hparams["attn_logit_softcapping"])
+    writer.add_final_logit_softcapping(hparams["final_logit_softcapping"])
+    writer.add_sliding_window(hparams["sliding_window"])
+
+
+def _gemma3_hparams(writer: gguf.GGUFWriter, hparams: dict[str, Any]) -> None:
+    """Gemma 3's keys on top of the text-model ones: defaults for absent values (an overwritten key keeps
+    its place), the global rope base (default 1e6), optional final soft-capping, the sliding window."""
+    gguf_logger = logging.getLogger("gguf.gguf_writer")  # its "Duplicated key name" warnings are expected here
+    level = gguf_logger.level
+    gguf_logger.setLevel(logging.ERROR)
+    try:
+        writer.add_context_length(hparams.get("max_position_embeddings", 131072))
+        writer.add_head_count(hparams.get("num_attention_heads", 8))
+        writer.add_layer_norm_rms_eps(hparams.get("rms_norm_eps", 1e-6))
+        writer.add_key_length(hparams.get("head_dim", 256))
+        writer.add_value_length(hparams.get("head_dim", 256))
+        rope = rope_parameters(hparams)
+        writer.add_rope_freq_base(rope.get("full_attention", rope).get("rope_theta", 1_000_000.0))
+        if hparams.get("attn_logit_softcapping") is not None:
+            raise UserError("This Gemma 3 config sets attn_logit_softcapping, which Gemma 3 does not have. Fix: "
+                            "restore the model's original config.json.")
+        if final := hparams.get("final_logit_softcapping"):
+            writer.add_final_logit_softcapping(final)
+        if hparams.get("sliding_window_pattern") != 1:
+            writer.add_sliding_window(hparams["sliding_window"])
+        writer.add_head_count_kv(hparams.get("num_key_value_heads", 4))
+    finally:
+        gguf_logger.setLevel(level)
+
+
+def _phi3_rope_dims(hparams: dict[str, Any]) -> int:
+    """Rotary dimensions per head: the partial rotary factor of the head size."""
+    n_embd = find_hparam(hparams, ["hidden_size", "n_embd"])
+    n_head = find_hparam(hparams, ["num_attention_heads", "n_head"])
+    return int(rope_parameters(hparams).get("partial_rotary_factor", 1.0) * n_embd) // n_head
+
+
+def _phi3_hparams(writer: gguf.GGUFWriter, hparams: dict[str, Any], file_type: int) -> None:
+    """Phi-3's own key list (no rope scaling type: llama.cpp sees longrope from the rope_factors tensors);
+    a sliding window of 0 means none. The longrope attention factor goes first, as the reference writes
+    it while generating the rope_factors tensors, before any general.* key."""
+    rope = rope_parameters(hparams)
+    n_ctx = find_hparam(hparams, ["n_positions", "max_position_embeddings"])
+    writer.add_context_length(n_ctx)
+    writer.add_rope_scaling_orig_ctx_len(rope.get("original_max_position_embeddings", n_ctx))
+    writer.add_embedding_length(find_hparam(hparams, ["hidden_size", "n_embd"]))
+    writer.add_feed_forward_length(hparams["intermediate_size"])
+    writer.add_block_count(block_count(hparams))
+    writer.add_head_count(find_hparam(hparams, ["num_attention_heads", "n_head"]))
+    writer.add_head_count_kv(find_hparam(hparams, ["num_key_value_heads", "n_head_kv"]))
+    writer.add_layer_norm_rms_eps(hparams["rms_norm_eps"])
+    writer.add_rope_dimension_count(_phi3_rope_dims(hparams))
+    writer.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
+    writer.add_file_type(file_type)
+    writer.add_sliding_window(hparams.get("sliding_window") or 0)
+    if (factor := _phi3_attn_factor(hparams)) is not None:
+        writer.add_rope_scaling_attn_factors(factor)
+        key = gguf.Keys.Rope.SCALING_ATTN_FACTOR.format(arch=writer.arch)
+        kv = writer.kv_data[0]
+        items = list(kv.items())
+        kv.clear()
+        kv.update([items[0], (key, dict(items)[key]), *(i for i in items[1:] if i[0] != key)])
+
+
+def _phi3_attn_factor(hparams: dict[str, Any]) -> float | None:
+    """The longrope/yarn attention factor of a Phi-3 with long-context rope factors, else None."""
+    rope = rope_parameters(hparams)
+    if not rope.get("long_factor"):
+        return None
+    n_ctx = find_hparam(hparams, ["n_positions", "max_position_embeddings"])
+    orig = rope.get("original_max_position_embeddings", n_ctx)
+    scale = n_ctx / orig
+    kind = str(rope.get("rope_type", "")).lower()
+    if kind in ("su", "longrope"):
+        return math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+    if kind == "yarn":
+        return 0.1 * math.log(scale) + 1.0 if scale > 1.0 else 1.0
+    raise UserError(f"This Phi-3 config has long-context rope factors with rope type {kind or 'missing'!r}, which "
+                    "the native writer does not know. Fix: convert with `--backend llama.cpp`.")
+
+
+def generated_tensors(arch: Arch, hparams: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    """Tensors llama.cpp needs that the checkpoint does not hold (float32, written first):
+    Llama 3's ``rope_freqs``, Phi-3's longrope ``rope_factors_long`` / ``rope_factors_short``."""
+    out = []
+    if (freqs := rope_freqs(arch, hparams)) is not None:
+        out.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", freqs))
+    if arch.gguf_arch == gguf.MODEL_ARCH.PHI3 and _phi3_attn_factor(hparams) is not None:
+        rope = rope_parameters(hparams)
+        long, short = rope.get("long_factor"), rope.get("short_factor")
+        half = _phi3_rope_dims(hparams) / 2
+        if short is None or len(long) != len(short) or len(long) != half:
+            raise UserError(f"The rope long_factor/short_factor lists of this Phi-3 config must both have {half:g} "
+                            "values. Fix: restore the model's original config.json.")
+        for key, factors in ((gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, long),
+                             (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, short)):
+            out.append((gguf.TENSOR_NAMES[key] + ".weight", torch.tensor(factors, dtype=torch.float32)))
+    return out
+
+
+def transform(arch: Arch, hf_name: str, x: torch.Tensor) -> torch.Tensor:
+    """A tensor (rows of it) in its stored dtype, changed as the reference changes it before the float32 cast.
+
+    Gemma's norms get 1 added, with the reference's rounding: it casts bf16 (any type but f16/f32) to float32
+    first and adds in float32, but adds to f16 and f32 tensors in their own type.
+    """
+    if arch.norm_shift and hf_name.endswith("norm.weight"):
+        if x.dtype not in (torch.float16, torch.float32):
+            x = x.to(torch.float32)
+        x = x + 1
+    return x
+
+
+def token_rows(arch: Arch, hparams: dict[str, Any], tokenizer_dir: Path) -> int | None:
+    """Gemma 3: rows of ``token_embd`` to keep, the tokenizer's size (out-of-vocabulary rows are dropped);
+    None when the whole tensor is written."""
+    if not arch.trims_token_embd:
+        return None
+    if (tokenizer_dir / "tokenizer.model").is_file():
+        n = hparams.get("vocab_size_per_layer_input") or hparams.get("vocab_size")
+        if n:
+            return int(n)
+        from sentencepiece import SentencePieceProcessor
+
+        sp = SentencePieceProcessor()
+        sp.LoadFromFile(str(tokenizer_dir / "tokenizer.model"))
+        return sp.vocab_size()
+    tokenizer = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    return len(tokenizer["model"]["vocab"]) + len(tokenizer["added_tokens"])
+
+
 def rope_freqs(arch: Arch, hparams: dict[str, Any]) -> torch.Tensor | None:
     """Llama 3 rope scaling factors per frequency (the ``rope_freqs`` tensor), or None when not used."""
     rope = rope_parameters(hparams)
@@ -243,10 +421,25 @@ def rope_freqs(arch: Arch, hparams: dict[str, Any]) -> torch.Tensor | None:
 _SKIPPED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
 
 
+_MULTIMODAL_PREFIXES = ("mlp", "vit.", "vpm.", "siglip2.", "conformer.", "merger.", "resampler.", "sound_encoder.",
+                        "sound_projection.", "speech_embeddings.")
+_MULTIMODAL_PARTS = ("visual.", "vision.", "audio.", "talker.", "vision_", "audio_", "token2wav.", "code2wav.",
+                     "projector.", "pre_mm_projector_norm", "image_newline", "view_seperator", "patch_embed",
+                     "patch_embedding", "patch_merger.", "patch_merge_mlp.", "model.connector.")
+
+
+def is_text_tensor(hf_name: str) -> bool:
+    """False for the vision/audio tower tensors of a multimodal checkpoint, which a text GGUF leaves out
+    (the reference's rule; e.g. Gemma 3's ``model.vision_tower.*`` and ``model.multi_modal_projector.*``)."""
+    return not (hf_name.startswith(_MULTIMODAL_PREFIXES) or any(p in hf_name for p in _MULTIMODAL_PARTS))
+
+
 def gguf_tensor_name(arch: Arch, hf_name: str, n_blocks: int) -> str | None:
-    """The GGUF name of an HF tensor, or None for tensors llama.cpp drops (rotary caches)."""
+    """The GGUF name of an HF tensor, or None for tensors llama.cpp drops (rotary caches, vision towers)."""
     name = hf_name.replace("language_model.", "").replace("text_model.", "")
-    if name.endswith(_SKIPPED_SUFFIXES):
+    if name.endswith(_SKIPPED_SUFFIXES) or not is_text_tensor(hf_name):
+        return None
+    if arch.drops_lm_head and hf_name == "lm_head.weight":
         return None
     new = _name_map(arch.gguf_arch, n_blocks).get_name(name, try_suffixes=(".weight", ".bias"))
     if new is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -122,7 +123,7 @@ class _Tensor:
     heads: int | None = None
     """Heads for the Llama q/k row permutation, None when not permuted."""
     data: torch.Tensor | None = None
-    """Generated float32 data (rope_freqs)."""
+    """Generated float32 data (rope_freqs, rope_factors_long/short)."""
 
 
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
@@ -238,22 +239,23 @@ class _Model:
         return parts
 
     def _index(self) -> list[_Tensor]:
-        tensors: list[_Tensor] = []
-        freqs = archs.rope_freqs(self.arch, self.hparams)
-        if freqs is not None:
-            tensors.append(_Tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", tuple(freqs.shape),
-                                   data=freqs))
+        tensors = [_Tensor(name, tuple(data.shape), data=data)
+                   for name, data in archs.generated_tensors(self.arch, self.hparams)]
         if self.merged is not None:
             shapes = {name: tuple(shape) for name, (_, shape) in self.merged.shapes.items()}
-            self._check_layers(shapes)
-            return tensors + self._mapped(shapes, None)
-        every: dict[str, tuple[int, ...]] = {}
-        for part in self._parts():
-            shapes = _Safetensors(part).shapes()
-            every.update(shapes)
-            tensors += self._mapped(shapes, part)
-        self._check_layers(every)
-        return tensors
+            self._check_layers({k: v for k, v in shapes.items() if archs.is_text_tensor(k)})
+            tensors += self._mapped(shapes, None)
+        else:
+            every: dict[str, tuple[int, ...]] = {}
+            for part in self._parts():
+                shapes = _Safetensors(part).shapes()
+                every.update({k: v for k, v in shapes.items() if archs.is_text_tensor(k)})
+                tensors += self._mapped(shapes, part)
+            self._check_layers(every)
+        rows = archs.token_rows(self.arch, self.hparams, self.tokenizer_dir)
+        embd = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight"
+        return [dataclasses.replace(t, shape=(min(rows, t.shape[0]), *t.shape[1:]))
+                if rows is not None and t.name == embd else t for t in tensors]
 
     def _check_layers(self, shapes: dict[str, tuple[int, ...]]) -> None:
         """The weights must hold exactly the layers config.json announces (a wrong count writes a broken file)."""
@@ -398,10 +400,12 @@ def _load(t: _Tensor, model: _Model, handles: dict[Path, _Safetensors], rows: sl
     expects. Encoders cast to float32 themselves, so a bf16 -> bf16 copy never makes a float32 copy."""
     if t.data is not None:
         return t.data[rows]
+    rows = slice(*rows.indices(t.shape[0])) if t.shape else rows  # within t.shape: a tensor may be trimmed
     if model.merged is not None:
         x = model.merged.get(t.hf_name)[rows]
     else:
         x = handles[t.part].rows(t.hf_name, rows)
+    x = archs.transform(model.arch, t.hf_name, x)
     if t.heads is not None:
         x = archs.permute_qk(x, t.heads * x.shape[0] // t.shape[0])
     return x.contiguous()

@@ -3,7 +3,8 @@
 Three readers, tried in the order an architecture asks for: SentencePiece (``tokenizer.model``: tokens,
 scores, token types), Llama-style HF BPE with byte fallback (gguf-py's ``LlamaHfVocab``) and byte-level BPE
 (``gpt2``: tokens, token types, merges and the pre-tokenizer name found by hashing a check text, see
-``bpe_pre``). Special token ids, add_bos/add_eos and the chat template come from gguf-py's ``SpecialVocab``.
+``bpe_pre``); plus two SentencePiece variants: Gemma's (add_space_prefix False) and Phi-3's (its own
+added-token rules). Special token ids, add_bos/add_eos and the chat template come from gguf-py's ``SpecialVocab``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, A
         writer.add_add_space_prefix(prefix)
     readers: dict[str, Callable[[], bool]] = {
         "sentencepiece": lambda: _sentencepiece(writer, model_dir, hparams, config),
+        "gemma_sentencepiece": lambda: _gemma_sentencepiece(writer, model_dir, hparams, config),
+        "phi3": lambda: _phi3(writer, model_dir, hparams, config),
         "llama_hf": lambda: _llama_hf(writer, model_dir),
         "gpt2": lambda: _gpt2(writer, model_dir, hparams),
     }
@@ -74,14 +77,7 @@ def _sentencepiece(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, 
     sp = SentencePieceProcessor()
     sp.LoadFromFile(str(path))
     n_vocab = hparams.get("vocab_size_per_layer_input") or hparams.get("vocab_size") or sp.vocab_size()
-    tokens = [f"[PAD{i}]".encode() for i in range(n_vocab)]
-    scores = [-10000.0] * n_vocab
-    types = [_UNUSED] * n_vocab
-    for i in range(min(sp.vocab_size(), n_vocab)):
-        tokens[i] = sp.IdToPiece(i).encode("utf-8")
-        scores[i] = sp.GetScore(i)
-        types[i] = (_UNKNOWN if sp.IsUnknown(i) else _CONTROL if sp.IsControl(i) else _UNUSED if sp.IsUnused(i)
-                    else _BYTE if sp.IsByte(i) else _NORMAL)
+    tokens, scores, types = _sentencepiece_pieces(sp, n_vocab)
     for text, i in _read_json(model_dir / "added_tokens.json").items():
         if i < n_vocab:
             tokens[i], scores[i], types[i] = text.encode("utf-8"), -1000.0, _USER_DEFINED
@@ -97,6 +93,57 @@ def _sentencepiece(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, 
         scores[i], tokens[i] = -1000.0, text.encode("utf-8")
     _add_llama(writer, model_dir, tokens, scores, types)
     return True
+
+
+def _gemma_sentencepiece(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, Any],
+                         config: dict[str, Any]) -> bool:
+    """Gemma: the SentencePiece vocabulary, then ``add_space_prefix`` False (Gemma adds no leading space)."""
+    if not _sentencepiece(writer, model_dir, hparams, config):
+        return False
+    writer.add_add_space_prefix(False)
+    return True
+
+
+def _phi3(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, Any], config: dict[str, Any]) -> bool:
+    """Phi-3's reader: byte-level BPE when tokenizer_config names GPT2Tokenizer (Phi-4), else tokenizer.model
+    padded to vocab_size, with the added tokens of added_tokens.json, then of tokenizer_config.json's
+    added_tokens_decoder and tokenizer.json's added_tokens (user-defined, or control when marked special;
+    no "looks special" guess, no space normalisation, unlike the Llama reader)."""
+    if config.get("tokenizer_class") == "GPT2Tokenizer":
+        return _gpt2(writer, model_dir, hparams)
+    path = model_dir / "tokenizer.model"
+    if not path.is_file():
+        return False
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor()
+    sp.LoadFromFile(str(path))
+    n_vocab = hparams.get("vocab_size") or sp.vocab_size()
+    tokens, scores, types = _sentencepiece_pieces(sp, n_vocab)
+    for text, i in _read_json(model_dir / "added_tokens.json").items():
+        if i < n_vocab:
+            tokens[i], scores[i], types[i] = text.encode("utf-8"), -1000.0, _USER_DEFINED
+    added = [(int(k), v) for k, v in config.get("added_tokens_decoder", {}).items()]
+    added += [(int(v["id"]), v) for v in _read_json(model_dir / "tokenizer.json").get("added_tokens", [])]
+    for i, data in added:
+        if i < n_vocab:
+            tokens[i], scores[i] = data["content"].encode("utf-8"), -1000.0
+            types[i] = _CONTROL if data.get("special") else _USER_DEFINED
+    _add_llama(writer, model_dir, tokens, scores, types)
+    return True
+
+
+def _sentencepiece_pieces(sp: Any, n_vocab: int) -> tuple[list[bytes], list[float], list[int]]:
+    """Tokens, scores and types of a SentencePiece model, padded with ``[PADi]`` (unused) to ``n_vocab``."""
+    tokens = [f"[PAD{i}]".encode() for i in range(n_vocab)]
+    scores = [-10000.0] * n_vocab
+    types = [_UNUSED] * n_vocab
+    for i in range(min(sp.vocab_size(), n_vocab)):
+        tokens[i] = sp.IdToPiece(i).encode("utf-8")
+        scores[i] = sp.GetScore(i)
+        types[i] = (_UNKNOWN if sp.IsUnknown(i) else _CONTROL if sp.IsControl(i) else _UNUSED if sp.IsUnused(i)
+                    else _BYTE if sp.IsByte(i) else _NORMAL)
+    return tokens, scores, types
 
 
 def _add_llama(writer: gguf.GGUFWriter, model_dir: Path, tokens: list, scores: list, types: list) -> None:
