@@ -22,7 +22,7 @@ QK_K = 256
 _GROUP_MAX_EPS = 1e-15
 _CHUNK_BLOCKS = {"cpu": 1024, "cuda": 65536}
 """Super-blocks of 256 values quantized at once (bounds the temporary memory)."""
-_ROW_CHUNK_ELEMS = 1 << 22
+_ROW_CHUNK_ELEMS = 1 << 20
 """Values handed to gguf-py at once for the types it quantizes."""
 
 K_QUANTS = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
