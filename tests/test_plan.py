@@ -440,6 +440,8 @@ def test_gguf_size_is_the_converters_exact_size(kind, request):
     assert step.where.name == layout.file_name
     # The RAM estimate assumes the converter's chunking.
     assert planner.GGUF_CHUNK_ELEMENTS == convert.CHUNK_ELEMENTS
+    assert planner.GGUF_GPU_CHUNK_FACTOR == convert.GPU_CHUNK_FACTOR
+    assert convert.IN_FLIGHT <= planner.GGUF_IN_FLIGHT
 
 
 def test_real_small_disk_refused_before_writing_and_fitting_plan_succeeds(llama2_dir, tmpfs):

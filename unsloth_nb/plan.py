@@ -48,7 +48,12 @@ GGUF_CHUNK_ELEMENTS = 1 << 22
 Llama's q/k projections in chunks of whole heads, because their rows are permuted within a head."""
 
 GGUF_IN_FLIGHT = 6
-"""Chunks the converter holds at once at most (convert.IN_FLIGHT on a machine with 4 or more cores)."""
+"""Chunks the converter holds at once at most on the CPU (convert.IN_FLIGHT with 4 or more cores). On a GPU it
+holds three chunks GGUF_GPU_CHUNK_FACTOR times larger (less host RAM, as they stay 16-bit) and quantizes two
+at a time in GPU memory."""
+
+GGUF_GPU_CHUNK_FACTOR = 4
+"""convert.GPU_CHUNK_FACTOR: how much larger the converter's chunks are on a GPU."""
 
 GGUF_WORK_BYTES = 10
 """Working bytes per element of a chunk while converting: its float32 copy plus the quantizer's buffers."""
@@ -745,7 +750,7 @@ def _steps(base: ModelSize, lora: ModelSize | None, methods: list[str], sizes: d
         steps.append(Step("merge (16-bit copy)", ram, base.bytes_16bit + base.extra_bytes, merged))
     if methods:
         ram = gguf_ram(base, methods, lora if fused else None)
-        vram = gguf_chunk_elements(base) * GGUF_WORK_BYTES if gpu else 0
+        vram = 2 * GGUF_GPU_CHUNK_FACTOR * gguf_chunk_elements(base) * GGUF_WORK_BYTES if gpu else 0
         tag = " (fused LoRA)" if fused else ""
         for m in methods:
             size, exact = sizes[m]

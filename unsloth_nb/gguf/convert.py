@@ -50,6 +50,9 @@ WORKERS = max(1, min(4, len(os.sched_getaffinity(0))))
 """Threads that read and encode chunks at the same time (numpy, torch and file reads release the GIL)."""
 IN_FLIGHT = WORKERS + 2
 """Chunks read or encoded ahead of the writer at most: bounds memory to a few chunks."""
+GPU_CHUNK_FACTOR = 4
+"""On a GPU, chunks are this many times larger and two workers suffice: the eager kernels are bound by
+Python launching them, so fewer, larger chunks are faster, and the host holds at most three of them."""
 
 
 @dataclass(frozen=True)
@@ -425,13 +428,13 @@ def _encode(x: torch.Tensor, qtype: gguf.GGMLQuantizationType, device: str | Non
     return x.to(_TORCH_FLOATS[qtype]).contiguous().view(torch.uint8).numpy()
 
 
-def _row_chunks(t: _Tensor, model: _Model) -> list[slice]:
+def _row_chunks(t: _Tensor, model: _Model, chunk_elements: int = CHUNK_ELEMENTS) -> list[slice]:
     """Row ranges read at once: about CHUNK_ELEMENTS, whole heads for permuted q/k (the permutation stays
     inside a head), whole tensors when merged with an adapter or 1-D."""
     if len(t.shape) < 2 or model.merged is not None:
         return [slice(None)]
     row = int(np.prod(t.shape[1:]))
-    step = max(1, CHUNK_ELEMENTS // max(row, 1))
+    step = max(1, chunk_elements // max(row, 1))
     if t.heads is not None:
         head_rows = t.shape[0] // t.heads
         step = max(1, step // head_rows) * head_rows
@@ -688,7 +691,11 @@ def _write(model: _Model, plans: list[_Plan], heads: list[list[bytes]], temps: l
 
     on_cpu = (device or quants.default_device()) == "cpu"
     # fusing an adapter holds whole merged tensors: one at a time, as the planner counts
-    workers, in_flight = (1, 1) if model.merged is not None else (WORKERS, IN_FLIGHT)
+    workers, in_flight, chunk = WORKERS, IN_FLIGHT, CHUNK_ELEMENTS
+    if not on_cpu:
+        workers, in_flight, chunk = 2, 3, CHUNK_ELEMENTS * GPU_CHUNK_FACTOR
+    if model.merged is not None:
+        workers, in_flight = 1, 1
     pool = ThreadPoolExecutor(workers, thread_name_prefix="gguf")
     pending: collections.deque[tuple[int, Future]] = collections.deque()
     written = -1
@@ -716,7 +723,7 @@ def _write(model: _Model, plans: list[_Plan], heads: list[list[bytes]], temps: l
             handles[part] = _Safetensors(part)
         with _torch_threads(1 if on_cpu and workers > 1 else None):
             for i, t in enumerate(model.tensors):
-                for rows in _row_chunks(t, model):
+                for rows in _row_chunks(t, model, chunk):
                     pending.append((i, pool.submit(encode, i, t, rows)))
                     if len(pending) >= in_flight:
                         write_next()
