@@ -5,10 +5,11 @@ size. Also prints K-quant throughput on the GPU for the largest tensor shape.
 
     python benchmarks/gguf_gpu.py [--shape 1b]
 
-On the GPU machine (no registry), carry the wheels in benchmarks/out/wheels and the tokenizer cache in
-benchmarks/out/cache, then:
+On the GPU machine (no registry), carry the wheels in benchmarks/out/wheels, the tokenizer cache in
+benchmarks/out/cache and, for the llama.cpp comparison, a copy of the installed ``llama_cpp`` package (pure
+Python plus its shared libraries) and ``diskcache`` in benchmarks/out/pylib, then:
     pip install --no-index --no-deps --target /tmp/deps benchmarks/out/wheels/gguf-*.whl
-    PYTHONPATH=/tmp/deps:. UNSLOTH_NB_CACHE=benchmarks/out/cache python benchmarks/gguf_gpu.py
+    PYTHONPATH=/tmp/deps:benchmarks/out/pylib:. UNSLOTH_NB_CACHE=benchmarks/out/cache python benchmarks/gguf_gpu.py
 """
 
 from __future__ import annotations
