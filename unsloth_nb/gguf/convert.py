@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 CHUNK_ELEMENTS = 1 << 22
 """Rows are read and quantized in chunks of at most this many elements (16 MiB as float32)."""
-WORKERS = max(1, min(4, len(os.sched_getaffinity(0))))
+WORKERS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 """Threads that read and encode chunks at the same time (numpy, torch and file reads release the GIL)."""
 IN_FLIGHT = WORKERS + 2
 """Chunks read or encoded ahead of the writer at most: bounds memory to a few chunks."""
@@ -170,7 +170,7 @@ class _Safetensors:
             self.fd = os.open(self.path, os.O_RDONLY)
         offset, view, done = self.base + entry["data_offsets"][0] + first * row_bytes, memoryview(buffer), 0
         while done < len(buffer):
-            got = os.preadv(self.fd, [view[done:]], offset + done)
+            got = _pread_into(self.fd, view[done:], offset + done)
             if got <= 0:
                 raise OSError(f"{self.path} ended early while reading {name}")
             done += got
@@ -180,6 +180,15 @@ class _Safetensors:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Read into ``view`` at an absolute file offset without moving a shared file position (thread-safe)."""
+    if hasattr(os, "preadv"):  # Linux, BSD: straight into the buffer
+        return os.preadv(fd, [view], offset)
+    data = os.pread(fd, len(view), offset)  # macOS
+    view[:len(data)] = data
+    return len(data)
 
 
 class _Model:
