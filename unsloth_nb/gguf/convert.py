@@ -24,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -152,6 +153,7 @@ class _Safetensors:
                             "corrupt (or hold pre-quantized weights). Fix: download or save it again in "
                             "16-bit.") from exc
         self.fd: int | None = None
+        self._opening = threading.Lock()
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Tensor name -> shape."""
@@ -167,7 +169,9 @@ class _Safetensors:
         first, last, _ = rows.indices(shape[0])
         buffer = bytearray((last - first) * row_bytes)
         if self.fd is None:
-            self.fd = os.open(self.path, os.O_RDONLY)
+            with self._opening:  # workers share one descriptor: open it once
+                if self.fd is None:
+                    self.fd = os.open(self.path, os.O_RDONLY)
         offset, view, done = self.base + entry["data_offsets"][0] + first * row_bytes, memoryview(buffer), 0
         while done < len(buffer):
             got = _pread_into(self.fd, view[done:], offset + done)
