@@ -703,11 +703,10 @@ def _write(model: _Model, plans: list[_Plan], heads: list[list[bytes]], temps: l
         return x.numel(), [np.ascontiguousarray(_encode(x, plan.types[i], device)) for plan in plans]
 
     on_cpu = (device or quants.default_device()) == "cpu"
-    # fusing an adapter holds whole merged tensors: one at a time, as the planner counts
     workers, in_flight, chunk = WORKERS, IN_FLIGHT, CHUNK_ELEMENTS
     if not on_cpu:
         workers, in_flight, chunk = 2, 3, CHUNK_ELEMENTS * GPU_CHUNK_FACTOR
-    if model.merged is not None:
+    if model.merged is not None:  # fusing an adapter holds whole merged tensors: one at a time, as planned
         workers, in_flight = 1, 1
     pool = ThreadPoolExecutor(workers, thread_name_prefix="gguf")
     pending: collections.deque[tuple[int, Future]] = collections.deque()
