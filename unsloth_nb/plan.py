@@ -794,6 +794,7 @@ def _ram_problem(step: str, need: int, rt: Runtime) -> str:
 def gguf_chunk_elements(model: ModelSize, whole: bool = False) -> int:
     """Elements of the largest piece the converter holds at once: one row chunk (rounded to whole heads for
     permuted q/k), or with ``whole`` (an adapter fused while converting) the largest tensor."""
+    permuted = model.config.get("model_type") in ("llama", "mistral")
     biggest = 0
     for t in model.tensors:
         if len(t.shape) < 2 or whole:
@@ -801,7 +802,7 @@ def gguf_chunk_elements(model: ModelSize, whole: bool = False) -> int:
             continue
         row = t.numel // t.shape[0]
         rows = max(1, GGUF_CHUNK_ELEMENTS // row)
-        if t.name.endswith(("q_proj.weight", "k_proj.weight")):
+        if permuted and t.name.endswith(("q_proj.weight", "k_proj.weight")):
             head_dim = int(model.config.get("head_dim") or model.config.get("hidden_size", row)
                            // max(1, int(model.config.get("num_attention_heads", 1))))
             rows = max(1, rows // max(1, head_dim)) * max(1, head_dim)

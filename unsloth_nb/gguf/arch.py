@@ -387,7 +387,9 @@ def token_rows(arch: Arch, hparams: dict[str, Any], tokenizer_dir: Path) -> int 
         sp = SentencePieceProcessor()
         sp.LoadFromFile(str(tokenizer_dir / "tokenizer.model"))
         return sp.vocab_size()
-    tokenizer = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    from unsloth_nb.gguf.vocab import read_json
+
+    tokenizer = read_json(tokenizer_dir / "tokenizer.json")
     return len(tokenizer["model"]["vocab"]) + len(tokenizer["added_tokens"])
 
 

@@ -31,7 +31,7 @@ _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, Any],
                   order: tuple[str, ...], reads_add_prefix_space: bool) -> None:
     """Write every tokenizer key for the model folder, trying the readers in ``order``."""
-    config = _read_json(model_dir / "tokenizer_config.json")
+    config = read_json(model_dir / "tokenizer_config.json")
     if reads_add_prefix_space and (prefix := config.get("add_prefix_space")) is not None:
         writer.add_add_space_prefix(prefix)
     readers: dict[str, Callable[[], bool]] = {
@@ -51,7 +51,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, A
     )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     """A JSON file's content ({} when absent), parsed once per file version: a 128k-token tokenizer.json takes
     most of a second to parse. Callers must not modify the result."""
     if not path.is_file():
@@ -77,10 +77,7 @@ def _sentencepiece(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, 
     sp = SentencePieceProcessor()
     sp.LoadFromFile(str(path))
     n_vocab = hparams.get("vocab_size_per_layer_input") or hparams.get("vocab_size") or sp.vocab_size()
-    tokens, scores, types = _sentencepiece_pieces(sp, n_vocab)
-    for text, i in _read_json(model_dir / "added_tokens.json").items():
-        if i < n_vocab:
-            tokens[i], scores[i], types[i] = text.encode("utf-8"), -1000.0, _USER_DEFINED
+    tokens, scores, types = _sentencepiece_pieces(sp, n_vocab, model_dir)
     for key, data in config.get("added_tokens_decoder", {}).items():
         i, text = int(key), data["content"]
         if i >= n_vocab:
@@ -119,12 +116,9 @@ def _phi3(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, Any], con
     sp = SentencePieceProcessor()
     sp.LoadFromFile(str(path))
     n_vocab = hparams.get("vocab_size") or sp.vocab_size()
-    tokens, scores, types = _sentencepiece_pieces(sp, n_vocab)
-    for text, i in _read_json(model_dir / "added_tokens.json").items():
-        if i < n_vocab:
-            tokens[i], scores[i], types[i] = text.encode("utf-8"), -1000.0, _USER_DEFINED
+    tokens, scores, types = _sentencepiece_pieces(sp, n_vocab, model_dir)
     added = [(int(k), v) for k, v in config.get("added_tokens_decoder", {}).items()]
-    added += [(int(v["id"]), v) for v in _read_json(model_dir / "tokenizer.json").get("added_tokens", [])]
+    added += [(int(v["id"]), v) for v in read_json(model_dir / "tokenizer.json").get("added_tokens", [])]
     for i, data in added:
         if i < n_vocab:
             tokens[i], scores[i] = data["content"].encode("utf-8"), -1000.0
@@ -133,8 +127,9 @@ def _phi3(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, Any], con
     return True
 
 
-def _sentencepiece_pieces(sp: Any, n_vocab: int) -> tuple[list[bytes], list[float], list[int]]:
-    """Tokens, scores and types of a SentencePiece model, padded with ``[PADi]`` (unused) to ``n_vocab``."""
+def _sentencepiece_pieces(sp: Any, n_vocab: int, model_dir: Path) -> tuple[list[bytes], list[float], list[int]]:
+    """Tokens, scores and types of a SentencePiece model, padded with ``[PADi]`` (unused) to ``n_vocab``, with
+    the folder's added_tokens.json entries as user-defined tokens."""
     tokens = [f"[PAD{i}]".encode() for i in range(n_vocab)]
     scores = [-10000.0] * n_vocab
     types = [_UNUSED] * n_vocab
@@ -143,6 +138,9 @@ def _sentencepiece_pieces(sp: Any, n_vocab: int) -> tuple[list[bytes], list[floa
         scores[i] = sp.GetScore(i)
         types[i] = (_UNKNOWN if sp.IsUnknown(i) else _CONTROL if sp.IsControl(i) else _UNUSED if sp.IsUnused(i)
                     else _BYTE if sp.IsByte(i) else _NORMAL)
+    for text, i in read_json(model_dir / "added_tokens.json").items():
+        if i < n_vocab:
+            tokens[i], scores[i], types[i] = text.encode("utf-8"), -1000.0, _USER_DEFINED
     return tokens, scores, types
 
 
@@ -158,7 +156,7 @@ def _add_llama(writer: gguf.GGUFWriter, model_dir: Path, tokens: list, scores: l
 
 def _llama_hf(writer: gguf.GGUFWriter, model_dir: Path) -> bool:
     """``llama`` vocabulary from a Llama-style tokenizer.json (BPE with byte fallback); False if not one."""
-    tokenizer = _read_json(model_dir / "tokenizer.json")
+    tokenizer = read_json(model_dir / "tokenizer.json")
     model = tokenizer.get("model") or {}
     if (model.get("type") != "BPE" or not model.get("byte_fallback", False)
             or (tokenizer.get("decoder") or {}).get("type") != "Sequence"):
@@ -255,8 +253,8 @@ def _special_vocab(model_dir: Path, *, load_merges: bool, n_vocab: int | None = 
         special = gguf.SpecialVocab(model_dir, load_merges=load_merges, n_vocab=n_vocab)
     finally:
         gguf_logger.setLevel(level)
-    tokenizer = _read_json(model_dir / "tokenizer.json")
-    config = _read_json(model_dir / "tokenizer_config.json")
+    tokenizer = read_json(model_dir / "tokenizer.json")
+    config = read_json(model_dir / "tokenizer_config.json")
     special.add_special_token.update(_post_processor_flags(tokenizer, config))
     lowercase, strip_accents = _normalizer_flags(tokenizer.get("normalizer") or {})
     special.normalizer_flags = {"tokenizer.ggml.normalizer_lowercase": lowercase,
