@@ -64,13 +64,21 @@ def _divc(t: torch.Tensor, den: float) -> torch.Tensor:
     return t / torch.full_like(t, den)
 
 
-def _seq_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over dim 0 one element at a time in float32, like C's ``float s = 0; for (...) s += t[i];``.
+def _seq_sum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Sum over ``dim`` one element at a time in float32, like C's ``float s = 0; for (...) s += t[i];``.
 
-    Extra dims are independent sums done together (fewer, larger torch calls)."""
-    s = t[0] + 0.0
-    for i in range(1, t.shape[0]):
-        s.add_(t[i])
+    Other dims are independent sums done together. On the CPU, index_add_ runs exactly that loop
+    (slice after slice, in order) inside one call, without a Python step per slice; CUDA's index_add_
+    adds atomically in any order, so there each slice is one call."""
+    if t.device.type == "cpu":
+        shape = list(t.shape)
+        shape[dim] = 1
+        out = torch.zeros(shape, dtype=t.dtype)
+        return out.index_add_(dim, torch.zeros(t.shape[dim], dtype=torch.long), t).squeeze(dim)
+    rows = t.unbind(dim)
+    s = rows[0] + 0.0
+    for r in rows[1:]:
+        s.add_(r)
     return s
 
 
@@ -87,11 +95,23 @@ def _max_positive(t: torch.Tensor) -> torch.Tensor:
 
 
 def _round_clamp(v: torch.Tensor, lo: int, hi: int, exact: bool) -> torch.Tensor:
-    """clamp(nearest_int(v), lo, hi) as float32. The fast form (add and subtract 1.5*2^23) equals
+    """clamp(nearest_int(v), lo, hi) as float32, in place. torch's round (half to even) equals
     nearest_int for |v| <= 2^22; ``exact`` also reproduces C's result for NaN, inf and huge v."""
     if exact:
-        return _nearest_int(v).clamp_(lo, hi).to(v.dtype)
-    return v.add_(12582912.0).sub_(12582912.0).clamp_(lo, hi)
+        return v.copy_(_nearest_int(v).clamp_(lo, hi))
+    return v.round_().clamp_(lo, hi)
+
+
+class _Scratch:
+    """Buffers one scale search reuses on every trial, so a trial allocates nothing of size (n, M).
+
+    ``lf`` holds a trial's L as float, ``prod`` (k, n, M) the k per-element terms C accumulates, summed
+    together over dim 1, and ``terms`` its k contiguous (n, M) parts, which the products are written to."""
+
+    def __init__(self, x: torch.Tensor, k: int) -> None:
+        self.lf = torch.empty_like(x)
+        self.prod = torch.empty((k, *x.shape), dtype=x.dtype, device=x.device)
+        self.terms = self.prod.unbind(0)
 
 
 def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
@@ -102,54 +122,59 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
     lowest weighted error; the best min so far feeds the next trial as in C. L is recomputed once
     at the end from the winning (iscale, min) instead of being copied at every improvement.
     """
-    n = x.shape[0]
     mn = x.amin(dim=0)
     mx = x.amax(dim=0)
-    sum_w = w[0] + 0.0
-    sum_x = sum_w * x[0]
-    for i in range(1, n):
-        sum_w = sum_w + w[i]
-        sum_x = sum_x + w[i] * x[i]
+    sum_w = _seq_sum(w)
+    sum_x = _seq_sum(w * x)
     mn = torch.where(mn > 0, 0.0, mn)
     flat = mx == mn
     span = torch.where(flat, 1.0, mx - mn)
     iscale = _cdiv(float(nmax), span)
     scale = _cdiv(1.0, iscale)
-    lf = _round_clamp(iscale * (x - mn), 0, nmax, exact)
-    diff = (scale * lf + mn) - x
-    err = diff.abs_() if use_mad else diff.mul_(diff)
-    best_error = _seq_sum(err.mul_(w))
+    scratch = _Scratch(x, 3)
+    lf = _round_clamp(torch.sub(x, mn, out=scratch.lf).mul_(iscale), 0, nmax, exact)
+    best_error = _qkx2_error(x, w, scratch, scale, mn, use_mad)
     best_iscale, best_mn = torch.where(flat, 0.0, iscale), mn
     factors = torch.tensor([_f32(rmin) + _f32(rdelta) * _f32(step) + _f32(nmax) for step in range(nstep + 1)],
                            dtype=torch.float32, device=x.device)
     for factor in factors:
         best_error, best_iscale, best_mn, scale, mn = _qkx2_trial(x, w, mx, flat, sum_w, sum_x, factor, best_error,
                                                                   best_iscale, best_mn, scale, mn, nmax, use_mad,
-                                                                  exact)
-    L = _round_clamp(best_iscale * (x - best_mn), 0, nmax, exact)
+                                                                  exact, scratch)
+    L = _round_clamp(torch.sub(x, best_mn, out=lf).mul_(best_iscale), 0, nmax, exact)
     return torch.where(flat, 0.0, scale), -mn, L
+
+
+def _qkx2_error(x: torch.Tensor, w: torch.Tensor, scratch: _Scratch, scale: torch.Tensor, mn: torch.Tensor,
+                use_mad: bool) -> torch.Tensor:
+    """sum(w * |scale*L + min - x|^p) per column for L in scratch.lf (p = 1 with use_mad, else 2),
+    accumulated in C's order. Overwrites scratch.lf."""
+    diff = scratch.lf.mul_(scale).add_(mn).sub_(x)
+    err = diff.abs_() if use_mad else diff.mul_(diff)
+    return _seq_sum(err.mul_(w))
 
 
 def _qkx2_trial(x: torch.Tensor, w: torch.Tensor, mx: torch.Tensor, flat: torch.Tensor, sum_w: torch.Tensor,
                 sum_x: torch.Tensor, factor: torch.Tensor, best_error: torch.Tensor, best_iscale: torch.Tensor,
                 best_mn: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, nmax: int, use_mad: bool,
-                exact: bool) -> tuple[torch.Tensor, ...]:
+                exact: bool, scratch: _Scratch) -> tuple[torch.Tensor, ...]:
     """One trial inverse scale of make_qkx2_quants: fit (scale, min) for it and keep it where it is better.
 
     Returns the updated (best_error, best_iscale, best_mn, scale, mn)."""
     iscale = factor / torch.where(flat, 1.0, mx - mn)
-    lf = _round_clamp(iscale * (x - mn), 0, nmax, exact)
-    wl = w * lf
-    sum_l, sum_xl, sum_l2 = _seq_sum(torch.stack([wl, wl * x, wl * lf], dim=1))
+    lf = _round_clamp(torch.sub(x, mn, out=scratch.lf).mul_(iscale), 0, nmax, exact)
+    wl, wlx, wl2 = scratch.terms
+    torch.mul(w, lf, out=wl)
+    torch.mul(wl, x, out=wlx)
+    torch.mul(wl, lf, out=wl2)
+    sum_l, sum_xl, sum_l2 = _seq_sum(scratch.prod, dim=1)
     det = sum_w * sum_l2 - sum_l * sum_l
     this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
     this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
     positive = this_min > 0
     this_min = torch.where(positive, 0.0, this_min)
     this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
-    diff = lf.mul_(this_scale).add_(this_min).sub_(x)
-    err = diff.abs_() if use_mad else diff.mul_(diff)
-    cur_error = _seq_sum(err.mul_(w))
+    cur_error = _qkx2_error(x, w, scratch, this_scale, this_min, use_mad)
     better = (det > 0) & (cur_error < best_error) & ~flat
     return (torch.where(better, cur_error, best_error), torch.where(better, iscale, best_iscale),
             torch.where(better, mn, best_mn), torch.where(better, this_scale, scale),
@@ -163,33 +188,38 @@ def _make_qx(x: torch.Tensor, nmax: int, exact: bool) -> tuple[torch.Tensor, tor
     safe = torch.where(tiny, 1.0, mx)
     w = x * x
     wx = w * x
+    scratch = _Scratch(x, 2)
     best_iscale = _cdiv(float(-nmax), safe)
-    sumlx, suml2 = _qx_sums(x, w, wx, best_iscale, nmax, exact)
+    sumlx, suml2 = _qx_sums(x, w, wx, best_iscale, nmax, exact, scratch)
     scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, 1.0), 0.0)
     best = scale * sumlx
     factors = torch.tensor([-(_f32(nmax) + _f32(0.1) * _f32(step)) for step in range(-9, 10) if step != 0],
                            dtype=torch.float32, device=x.device)
     for factor in factors:
-        best_iscale, scale, best = _qx_trial(x, w, wx, safe, factor, best_iscale, scale, best, nmax, exact)
-    L = _round_clamp(best_iscale * x, -nmax, nmax - 1, exact).add_(nmax)
+        best_iscale, scale, best = _qx_trial(x, w, wx, safe, factor, best_iscale, scale, best, nmax, exact,
+                                             scratch)
+    L = _round_clamp(torch.mul(x, best_iscale, out=scratch.lf), -nmax, nmax - 1, exact).add_(nmax)
     L = torch.where(tiny, 0.0, L)
     return torch.where(tiny, 0.0, scale), L
 
 
 def _qx_sums(x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, iscale: torch.Tensor, nmax: int,
-             exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+             exact: bool, scratch: _Scratch) -> tuple[torch.Tensor, torch.Tensor]:
     """sum(w*x*L) and sum(w*L*L) per column for L = round(iscale * x), as make_qx_quants accumulates them."""
-    lf = _round_clamp(iscale * x, -nmax, nmax - 1, exact)
-    sums = _seq_sum(torch.stack([wx * lf, (lf * w).mul_(lf)], dim=1))
+    lf = _round_clamp(torch.mul(x, iscale, out=scratch.lf), -nmax, nmax - 1, exact)
+    wxl, wl2 = scratch.terms
+    torch.mul(wx, lf, out=wxl)
+    torch.mul(lf, w, out=wl2).mul_(lf)
+    sums = _seq_sum(scratch.prod, dim=1)
     return sums[0], sums[1]
 
 
 def _qx_trial(x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, safe: torch.Tensor, factor: torch.Tensor,
               best_iscale: torch.Tensor, scale: torch.Tensor, best: torch.Tensor, nmax: int,
-              exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              exact: bool, scratch: _Scratch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One trial inverse scale of make_qx_quants; returns the updated (best_iscale, scale, best)."""
     iscale = factor / safe
-    sumlx, suml2 = _qx_sums(x, w, wx, iscale, nmax, exact)
+    sumlx, suml2 = _qx_sums(x, w, wx, iscale, nmax, exact, scratch)
     better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
     new_scale = torch.where(better, sumlx / suml2, scale)
     return torch.where(better, iscale, best_iscale), new_scale, torch.where(better, new_scale * sumlx, best)
