@@ -1,10 +1,15 @@
-"""Run one step in a fresh process and measure its wall time and peak RSS (the process's own high-water mark)."""
+"""Run one step in a fresh process and measure its wall time and peak memory.
+
+Peak memory is the larger of the process's own high-water mark (ru_maxrss) and the peak sum of proportional
+set sizes (PSS) over the process and its children, sampled every 0.5 s, so that work done in worker
+processes (the GGUF converter forks some) is counted once and in full."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -34,30 +39,63 @@ class Measurement:
         return f"| {self.label} | {self.seconds:.1f} s | {self.peak_rss_mb:.0f} MB |"
 
 
-def measure(label: str, code: str, env: dict[str, str] | None = None) -> Measurement:
-    """Run ``python -c code`` and report wall time and ru_maxrss of that process (its children excluded).
+def _tree(pid: int) -> list[int]:
+    """pid and all its descendants (Linux /proc)."""
+    pids = [pid]
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                for child in f.read().split():
+                    pids += _tree(int(child))
+    except OSError:
+        pass
+    return pids
 
-    The child's high-water mark includes the parent's resident memory at fork time, so keep the calling
-    process small (do heavy work such as planning in a child too)."""
+
+def _pss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _run(label: str, argv: list[str], env: dict[str, str] | None) -> Measurement:
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(argv, env={**os.environ, **(env or {})})
+    peak_pss = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.5):
+            peak_pss[0] = max(peak_pss[0], sum(_pss_kb(p) for p in _tree(proc.pid)))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - started
+    done.set()
+    sampler.join()
     returncode = os.waitstatus_to_exitcode(status)
     if returncode != 0:
         raise SystemExit(f"{label} failed with exit status {returncode}")
-    return Measurement(label, seconds, usage.ru_maxrss / 1024, returncode)
+    return Measurement(label, seconds, max(usage.ru_maxrss, peak_pss[0]) / 1024, returncode)
+
+
+def measure(label: str, code: str, env: dict[str, str] | None = None) -> Measurement:
+    """Run ``python -c code`` and report wall time and peak memory (see the module docstring).
+
+    The child's high-water mark includes the parent's resident memory at fork time, so keep the calling
+    process small (do heavy work such as planning in a child too)."""
+    return _run(label, [sys.executable, "-c", code], env)
 
 
 def measure_command(label: str, argv: list[str], env: dict[str, str] | None = None) -> Measurement:
     """Like :func:`measure` for any command line."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(argv, env={**os.environ, **(env or {})})
-    _, status, usage = os.wait4(proc.pid, 0)
-    returncode = os.waitstatus_to_exitcode(status)
-    if returncode != 0:
-        raise SystemExit(f"{label} failed with exit status {returncode}")
-    return Measurement(label, time.perf_counter() - started, usage.ru_maxrss / 1024, returncode)
+    return _run(label, argv, env)
 
 
 def table(title: str, rows: list[Measurement], reference: Measurement, ours: Measurement) -> str:

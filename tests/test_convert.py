@@ -195,11 +195,31 @@ def test_unknown_bpe_pretokenizer_is_default_with_warning(caplog) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(fixtures.build_tokenizer("qwen2"))
-    assert vocab.pre_tokenizer_name(tokenizer) == "qwen2"
+    assert vocab.pre_tokenizer_name(tokenizer.encode(bpe_pre.CHECK_TEXT)) == "qwen2"
     assert tokenizer.add_tokens(["我想在apple工作"]) == 1
     with caplog.at_level(logging.WARNING, logger="unsloth_nb.gguf.vocab"):
-        assert vocab.pre_tokenizer_name(tokenizer) == "default"
+        assert vocab.pre_tokenizer_name(tokenizer.encode(bpe_pre.CHECK_TEXT)) == "default"
     assert "not one llama.cpp knows" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen2"])
+def test_fast_bpe_reads_what_autotokenizer_reads(kind: str, tmp_path: Path) -> None:
+    """The tokenizers-library shortcut gives AutoTokenizer's vocabulary, added-token flags, pre-tokenizer and
+    decoded added tokens, and steps aside (None) for a tokenizer whose check-text hash llama.cpp does not know."""
+    from transformers import AutoTokenizer
+
+    folder = fixtures.build_tokenizer(kind)
+    fast, slow = vocab._FastBpe.load(folder), vocab._HfBpe(folder)
+    assert fast is not None
+    assert fast.vocab == slow.vocab and fast.added == slow.added
+    assert fast.pre == vocab.pre_tokenizer_name(slow.ids(bpe_pre.CHECK_TEXT)) == fixtures.FAMILIES[kind].vocab
+    texts = [fast.tokenizer.id_to_token(i) for i in fast.added] + ["Hello world", " 3.3 ...!"]
+    assert [fast.round_trip(t) for t in texts] == [slow.round_trip(t) for t in texts]
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_tokens(["我想在apple工作"])
+    tokenizer.save_pretrained(tmp_path)
+    assert vocab._FastBpe.load(tmp_path) is None
 
 
 def _copy_model(src: Path, dest: Path) -> Path:

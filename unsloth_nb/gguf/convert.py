@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -366,12 +367,17 @@ def _metadata(model: _Model, template: gguf.GGUFWriter) -> dict[str, Any]:
 def _prepare(model: _Model, methods: list[recipes.Method], split_max_size: int = 0) -> list[_Plan]:
     shape = model.model_shape()
     plans = [_Plan(model, m, shape, split_max_size) for m in methods]
-    kv = _metadata(model, _Plan(model, methods[0], shape).writer)
+    _add_metadata(model, plans)
+    return plans
+
+
+def _add_metadata(model: _Model, plans: list[_Plan]) -> None:
+    """Every plan's key/values (the slow part of preparing: the vocabulary), file type per method."""
+    kv = _metadata(model, _Plan(model, plans[0].method, model.model_shape()).writer)
     for plan in plans:
         plan.writer.kv_data[0].update(kv)
         plan.writer.kv_data[0][gguf.Keys.General.FILE_TYPE] = gguf.GGUFValue(int(plan.method.file_type),
                                                                              gguf.GGUFValueType.UINT32)
-    return plans
 
 
 def _serialize(writer: gguf.GGUFWriter) -> list[bytes]:
@@ -579,38 +585,47 @@ def convert(model_dir: str | os.PathLike[str], methods: list[str], out_dir: str 
     model = _Model(model_dir, adapter, device)
     out = Path(out_dir).expanduser()
     _check_out_dir(out)
-    plans = _prepare(model, resolved, split_max_size or 0)
     started = time.perf_counter()
-    heads = [_serialize(p.writer) for p in plans]
-    layouts = [_measure(p, model, _file_name(model, p.method), h) for p, h in zip(plans, heads, strict=True)]
-    finals = [[out / name for name, _ in lay.shards] for lay in layouts]
-    inputs = [manifest.fingerprint(model.input_files(), method=p.method.name, split=split_max_size or 0)
-              for p in plans]
+    split = split_max_size or 0
+    shape = model.model_shape()
+    plans = [_Plan(model, m, shape, split) for m in resolved]
+    finals = [[out / name for name in p.file_names(_file_name(model, p.method))] for p in plans]
+    inputs = [manifest.fingerprint(model.input_files(), method=p.method.name, split=split) for p in plans]
     done = _reusable(finals, inputs, out, overwrite)
     todo = [i for i in range(len(plans)) if not done[i]]
     temps = {i: [f.with_name(f"{f.name}.tmp-{os.getpid()}") for f in finals[i]] for i in todo}
-    for final in (f for i in todo for f in finals[i]):
-        manifest.remove_stale(out, re.escape(final.name) + r"\.tmp-(?P<pid>\d+)")
-    need = sum(layouts[i].size for i in todo)
     if check_space and todo:
-        _check_fits(model, [plans[i].method.name for i in todo], out, need)
-    free_before = shutil.disk_usage(out).free
+        _check_ram(model, [plans[i].method.name for i in todo])
+    # Reading and quantizing start now, while this thread builds the metadata (mostly the vocabulary).
+    chunks = _Chunks(model, [plans[i] for i in todo], device) if todo else None
     try:
-        if todo:
-            digests = _write(model, [plans[i] for i in todo], [heads[i] for i in todo],
-                             [temps[i] for i in todo], device, progress)
-            for i, files_digests in zip(todo, digests, strict=True):
-                for shard, temp in enumerate(temps[i]):
-                    _validate(temp, layouts[i], shard)
-                manifest.record(out, {f.name: (layouts[i].shards[k][1], files_digests[k])
-                                      for k, f in enumerate(finals[i])}, inputs[i])
-                for temp, final in zip(temps[i], finals[i], strict=True):
-                    os.replace(temp, final)
-    except OSError as exc:
-        raise _write_error(exc, out, need, free_before) from exc
+        _add_metadata(model, plans)
+        heads = [_serialize(p.writer) for p in plans]
+        layouts = [_measure(p, model, _file_name(model, p.method), h) for p, h in zip(plans, heads, strict=True)]
+        for final in (f for i in todo for f in finals[i]):
+            manifest.remove_stale(out, re.escape(final.name) + r"\.tmp-(?P<pid>\d+)")
+        need = sum(layouts[i].size for i in todo)
+        if check_space and todo:
+            _check_space(out, need)
+        free_before = shutil.disk_usage(out).free
+        try:
+            if chunks is not None:
+                digests = _write(chunks, [heads[i] for i in todo], [temps[i] for i in todo], progress)
+                for i, files_digests in zip(todo, digests, strict=True):
+                    for shard, temp in enumerate(temps[i]):
+                        _validate(temp, layouts[i], shard)
+                    manifest.record(out, {f.name: (layouts[i].shards[k][1], files_digests[k])
+                                          for k, f in enumerate(finals[i])}, inputs[i])
+                    for temp, final in zip(temps[i], finals[i], strict=True):
+                        os.replace(temp, final)
+        except OSError as exc:
+            raise _write_error(exc, out, need, free_before) from exc
+        finally:
+            for temp in (t for files in temps.values() for t in files):
+                temp.unlink(missing_ok=True)
     finally:
-        for temp in (t for files in temps.values() for t in files):
-            temp.unlink(missing_ok=True)
+        if chunks is not None:
+            chunks.close()
     seconds = time.perf_counter() - started
     return [ConvertResult(p.method.name, files[0], sum(f.stat().st_size for f in files),
                           0.0 if done[i] else seconds, len(model.tensors), tuple(files), reused=done[i])
@@ -642,13 +657,12 @@ def _reusable(finals: list[list[Path]], inputs: list[str], out: Path, overwrite:
     return done
 
 
-def _check_fits(model: _Model, methods: list[str], out: Path, need: int) -> None:
-    """The planner's checks before writing: the pass's peak RAM, then the exact sizes against the disk."""
+def _check_ram(model: _Model, methods: list[str]) -> None:
+    """The planner's RAM check for the pass, before any chunk is read."""
     from unsloth_nb import plan
 
     lora = plan.size_adapter(model.merged.adapter.path) if model.merged is not None else None
     plan.require_ram("The GGUF pass", plan.gguf_ram(plan.size_model(model.dir), methods, lora))
-    _check_space(out, need)
 
 
 def _check_space(out: Path, need: int) -> None:
@@ -682,79 +696,6 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _write(model: _Model, plans: list[_Plan], heads: list[list[bytes]], temps: list[list[Path]],
-           device: str | None, progress: bool) -> list[list[str]]:
-    """Stream every tensor once from the safetensors into all the files (heads first, then aligned data).
-
-    Chunks are read and encoded by WORKERS workers (``_encoders``), at most IN_FLIGHT ahead, while this thread
-    writes them in order; on the CPU each worker keeps torch to one thread, so the workers, not torch, share
-    the cores.
-    Returns the sha256 of every file written, per plan and shard.
-    """
-    files: list[list[Any]] = []
-    handles = {part: _Safetensors(part) for part in sorted({t.part for t in model.tensors if t.part is not None})}
-    on_cpu = (device or quants.default_device()) == "cpu"
-    workers, in_flight, chunk = WORKERS, IN_FLIGHT, CHUNK_ELEMENTS
-    if not on_cpu:
-        workers, in_flight, chunk = 2, 3, CHUNK_ELEMENTS * GPU_CHUNK_FACTOR
-    if model.merged is not None:  # fusing an adapter holds whole merged tensors: one at a time, as planned
-        workers, in_flight = 1, 1
-    pool, encode = _encoders(model, plans, device, handles, workers, on_cpu)  # before any thread of ours starts
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        total = sum(int(np.prod(t.shape)) for t in model.tensors)
-        bar = tqdm(total=total, unit="param", unit_scale=True, desc=f"GGUF {model.name}", leave=False)
-    pending: collections.deque[tuple[int, Future]] = collections.deque()
-    written = -1
-
-    def write_next() -> None:
-        nonlocal written
-        i, future = pending.popleft()
-        if i != written:
-            for plan, plan_files in zip(plans, files, strict=True):
-                _pad(plan_files[plan.shard_of[i]])
-            written = i
-        try:
-            count, parts = future.result()
-        except BrokenProcessPool as exc:
-            raise UserError("A GGUF worker process died while quantizing (most often the system ran out of "
-                            "memory and killed it). Nothing was renamed into place. Fix: free memory (close "
-                            "other notebooks, restart the runtime) or convert fewer methods at once.") from exc
-        for plan, plan_files, data in zip(plans, files, parts, strict=True):
-            plan_files[plan.shard_of[i]].write(memoryview(data).cast("B"))
-        if bar is not None:
-            bar.update(count)
-
-    try:
-        for plan_heads, plan_temps in zip(heads, temps, strict=True):
-            files.append([])
-            for head, temp in zip(plan_heads, plan_temps, strict=True):
-                files[-1].append(manifest.HashingFile(temp))
-                files[-1][-1].write(head)
-        with _torch_threads(1 if on_cpu and workers > 1 else None):
-            for i, t in enumerate(model.tensors):
-                for rows in _row_chunks(t, model, chunk):
-                    pending.append((i, pool.submit(encode, i, rows)))
-                    if len(pending) >= in_flight:
-                        write_next()
-            while pending:
-                write_next()
-        for fout in (f for plan_files in files for f in plan_files):
-            _pad(fout)
-            fout.close()
-        return [[fout.hexdigest() for fout in plan_files] for plan_files in files]
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        if bar is not None:
-            bar.close()
-        for fout in (f for plan_files in files for f in plan_files):
-            fout.close()
-        for handle in handles.values():
-            handle.close()
-
-
 def _encode_chunk(model: _Model, plans: list[_Plan], device: str | None, handles: dict[Path, _Safetensors],
                   i: int, rows: slice) -> tuple[int, list[np.ndarray]]:
     """Rows ``rows`` of tensor ``i`` read and encoded for every plan: (element count, one array per plan)."""
@@ -774,6 +715,18 @@ into them, so that a job is only (tensor index, rows) and a result only the enco
 
 def _encode_forked(i: int, rows: slice) -> tuple[int, list[np.ndarray]]:
     return _encode_chunk(*_FORKED, i, rows)
+
+
+def _worker_start(parent: int) -> None:
+    """In a forked encode worker: one torch thread, and die with the parent. A worker blocked on its job
+    queue would otherwise outlive a killed parent (a restarted notebook kernel) and keep its memory."""
+    torch.set_num_threads(1)
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
 
 
 def _encoders(model: _Model, plans: list[_Plan], device: str | None, handles: dict[Path, _Safetensors],
@@ -797,12 +750,102 @@ def _encoders(model: _Model, plans: list[_Plan], device: str | None, handles: di
         with warnings.catch_warnings():  # "process is multi-threaded": the children only run _encode_forked
             warnings.simplefilter("ignore", DeprecationWarning)
             pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                       initializer=torch.set_num_threads, initargs=(1,))
+                                       initializer=_worker_start, initargs=(os.getpid(),))
             pool.submit(int).result()  # forks every worker now, while _FORKED and the frozen heap are set
     finally:
         gc.unfreeze()
         _FORKED = ()
     return pool, _encode_forked
+
+
+class _Chunks:
+    """Every tensor's row chunks, read and encoded for every plan by worker threads or processes, in file order.
+
+    Workers start on construction, at most IN_FLIGHT chunks ahead of the consumer (iteration), so the
+    caller can build the metadata meanwhile. On the CPU each worker keeps torch to one thread, so the
+    workers, not torch, share the cores. ``close`` stops the workers and closes the files."""
+
+    def __init__(self, model: _Model, plans: list[_Plan], device: str | None) -> None:
+        self.model, self.plans = model, plans
+        self.handles = {part: _Safetensors(part)
+                        for part in sorted({t.part for t in model.tensors if t.part is not None})}
+        on_cpu = (device or quants.default_device()) == "cpu"
+        workers, self.in_flight, chunk = WORKERS, IN_FLIGHT, CHUNK_ELEMENTS
+        if not on_cpu:
+            workers, self.in_flight, chunk = 2, 3, CHUNK_ELEMENTS * GPU_CHUNK_FACTOR
+        if model.merged is not None:  # fusing an adapter holds whole merged tensors: one at a time, as planned
+            workers, self.in_flight = 1, 1
+        self.pool, self.encode = _encoders(model, plans, device, self.handles, workers, on_cpu)
+        self._threads = _torch_threads(1 if on_cpu and workers > 1 else None)
+        self._threads.__enter__()
+        self.jobs = iter([(i, rows) for i, t in enumerate(model.tensors) for rows in _row_chunks(t, model, chunk)])
+        self.pending: collections.deque[tuple[int, Future]] = collections.deque()
+        self._submit()
+
+    def _submit(self) -> None:
+        while len(self.pending) < self.in_flight:
+            job = next(self.jobs, None)
+            if job is None:
+                return
+            self.pending.append((job[0], self.pool.submit(self.encode, *job)))
+
+    def __iter__(self) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+        """(tensor index, element count, one encoded array per plan) for each chunk, in order."""
+        while self.pending:
+            i, future = self.pending.popleft()
+            try:
+                count, parts = future.result()
+            except BrokenProcessPool as exc:
+                raise UserError("A GGUF worker process died while quantizing (most often the system ran out of "
+                                "memory and killed it). Nothing was renamed into place. Fix: free memory (close "
+                                "other notebooks, restart the runtime) or convert fewer methods at once.") from exc
+            yield i, count, parts
+            self._submit()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self._threads.__exit__(None, None, None)
+        for handle in self.handles.values():
+            handle.close()
+
+
+def _write(chunks: _Chunks, heads: list[list[bytes]], temps: list[list[Path]], progress: bool) -> list[list[str]]:
+    """Write every plan's heads, then every chunk's data in order, aligned per tensor, into its file(s).
+
+    Returns the sha256 of every file written, per plan and shard."""
+    model, plans = chunks.model, chunks.plans
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = sum(int(np.prod(t.shape)) for t in model.tensors)
+        bar = tqdm(total=total, unit="param", unit_scale=True, desc=f"GGUF {model.name}", leave=False)
+    files: list[list[Any]] = []
+    written = -1
+    try:
+        for plan_heads, plan_temps in zip(heads, temps, strict=True):
+            files.append([])
+            for head, temp in zip(plan_heads, plan_temps, strict=True):
+                files[-1].append(manifest.HashingFile(temp))
+                files[-1][-1].write(head)
+        for i, count, parts in chunks:
+            if i != written:
+                for plan, plan_files in zip(plans, files, strict=True):
+                    _pad(plan_files[plan.shard_of[i]])
+                written = i
+            for plan, plan_files, data in zip(plans, files, parts, strict=True):
+                plan_files[plan.shard_of[i]].write(memoryview(data).cast("B"))
+            if bar is not None:
+                bar.update(count)
+        for fout in (f for plan_files in files for f in plan_files):
+            _pad(fout)
+            fout.close()
+        return [[fout.hexdigest() for fout in plan_files] for plan_files in files]
+    finally:
+        if bar is not None:
+            bar.close()
+        for fout in (f for plan_files in files for f in plan_files):
+            fout.close()
 
 
 def _human(n: int) -> str:

@@ -175,23 +175,20 @@ def _llama_hf(writer: gguf.GGUFWriter, model_dir: Path) -> bool:
 
 
 def _gpt2(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, Any]) -> bool:
-    """``gpt2`` byte-level BPE vocabulary read through transformers' AutoTokenizer."""
+    """``gpt2`` byte-level BPE vocabulary, read as llama.cpp's converter reads it through AutoTokenizer."""
     if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "vocab.json").is_file():
         return False
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    vocab: dict[str, int] = tokenizer.vocab
+    tokenizer = _FastBpe.load(model_dir) or _HfBpe(model_dir)
+    vocab = tokenizer.vocab
     n_vocab = hparams.get("vocab_size", len(vocab))
     if max(vocab.values()) >= n_vocab:
         raise UserError(
             f"The tokenizer in {model_dir} has ids up to {max(vocab.values())} but config.json says vocab_size "
             f"{n_vocab}. Fix: use the tokenizer files that belong to this model."
         )
-    pre = pre_tokenizer_name(tokenizer)
+    pre = tokenizer.pre or pre_tokenizer_name(tokenizer.ids(CHECK_TEXT))
     by_id = {i: text for text, i in vocab.items()}
-    added = tokenizer.get_added_vocab()
-    decoder = tokenizer.added_tokens_decoder
+    added = tokenizer.added
     tokens: list[str] = []
     types: list[int] = []
     for i in range(n_vocab):
@@ -200,10 +197,11 @@ def _gpt2(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, Any]) -> 
             types.append(_UNUSED)
             continue
         text = by_id[i]
-        if text in added:
-            if not decoder[i].normalized:
-                text = tokenizer.decode(tokenizer.encode(text, add_special_tokens=False))
-            if decoder[i].special or looks_special(text):
+        if i in added:
+            special, normalized = added[i]
+            if not normalized:
+                text = tokenizer.round_trip(text)
+            if special or looks_special(text):
                 types.append(_CONTROL)
             else:
                 text = text.replace("\u2581", " ")
@@ -219,9 +217,83 @@ def _gpt2(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, Any]) -> 
     return True
 
 
-def pre_tokenizer_name(tokenizer: Any) -> str:
-    """llama.cpp's name for a BPE pre-tokenizer (hash of the check text's ids); "default" when unknown."""
-    digest = sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
+class _HfBpe:
+    """A BPE tokenizer through transformers' AutoTokenizer, exactly what llama.cpp's converter reads."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.vocab: dict[str, int] = self.tokenizer.vocab
+        self.added = {i: (t.special, t.normalized) for i, t in self.tokenizer.added_tokens_decoder.items()
+                      if t.content in self.tokenizer.get_added_vocab()}
+        self.pre: str | None = None
+
+    def ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def round_trip(self, text: str) -> str:
+        return self.tokenizer.decode(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+# What transformers' decode rewrites (clean_up_tokenization) and the tokenizers library's does not.
+_CLEANED_UP = (" .", " ?", " !", " ,", " ' ", " n't", " 'm", " 's", " 've", " 're")
+
+
+class _FastBpe:
+    """The same reads straight from tokenizer.json with the tokenizers library, about 3x faster to load than
+    AutoTokenizer (most of a 128k-vocabulary conversion's set-up). Used only where it provably gives
+    AutoTokenizer's answers: the check text's ids hash to a pre-tokenizer llama.cpp knows, the added tokens
+    agree with tokenizer_config.json, and no added token needs transformers' decode clean-up."""
+
+    def __init__(self, tokenizer: Any, pre: str) -> None:
+        self.tokenizer = tokenizer
+        self.pre = pre
+        self.vocab: dict[str, int] = tokenizer.get_vocab(with_added_tokens=True)
+        self.added = {i: (t.special, t.normalized) for i, t in tokenizer.get_added_tokens_decoder().items()}
+
+    @classmethod
+    def load(cls, model_dir: Path) -> _FastBpe | None:
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            return None
+        try:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception:  # a file only transformers can load: let it report the problem
+            return None
+        pre = PRE_BY_HASH.get(_ids_digest(tokenizer.encode(CHECK_TEXT).ids))
+        if pre is None:
+            return None
+        fast = cls(tokenizer, pre)
+        declared = read_json(model_dir / "tokenizer_config.json").get("added_tokens_decoder") or {}
+        decoder = tokenizer.get_added_tokens_decoder()
+        for key, entry in declared.items():
+            token = decoder.get(int(key)) if key.isdigit() else None
+            if token is None or token.content != entry.get("content") or token.special != entry.get("special"):
+                return None
+        for i, (_, normalized) in fast.added.items():
+            text = decoder[i].content
+            if not normalized and (fast.round_trip(text) != text or any(p in text for p in _CLEANED_UP)):
+                return None
+        return fast
+
+    def ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def round_trip(self, text: str) -> str:
+        return self.tokenizer.decode(self.tokenizer.encode(text, add_special_tokens=False).ids,
+                                     skip_special_tokens=False)
+
+
+def _ids_digest(ids: list[int]) -> str:
+    return sha256(str(ids).encode()).hexdigest()
+
+
+def pre_tokenizer_name(ids: list[int]) -> str:
+    """llama.cpp's name for a BPE pre-tokenizer, from the check text's ids; "default" when unknown."""
+    digest = _ids_digest(ids)
     name = PRE_BY_HASH.get(digest)
     if name is None:
         logger.warning(
