@@ -11,6 +11,8 @@ works in place, and does a sequential sum as one ``index_add_`` call instead of 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
@@ -85,7 +87,7 @@ def _seq_sum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 def _first_absmax(x: torch.Tensor) -> torch.Tensor:
     """The element of largest magnitude along dim 0, sign kept, first on ties, NaN skipped, 0 if none (C's scan)."""
-    ax = torch.where(torch.isnan(x), -1.0, x.abs())
+    ax = x.abs().nan_to_num_(nan=-1.0, posinf=torch.inf)
     idx = ax.argmax(dim=0, keepdim=True)
     return torch.where(ax.gather(0, idx)[0] > 0, x.gather(0, idx)[0], 0.0)
 
@@ -420,12 +422,17 @@ _K_QUANTIZERS = {
 }
 
 
-def _needs_exact_rounding(chunk: torch.Tensor) -> bool:
-    """Whether the search loops may meet NaN/inf/huge values, where only the bit-exact nearest_int
-    reproduces C. Values between 1e-20 and 1e20 in magnitude (or zero) keep every rounded quantity
-    within a few units of nmax."""
+def _screen(chunk: torch.Tensor) -> bool:
+    """Refuse NaN/inf (clear error), then say whether the search loops may meet huge or tiny values, where
+    only the bit-exact nearest_int reproduces C. Values between 1e-20 and 1e20 in magnitude (or zero) keep
+    every rounded quantity within a few units of nmax."""
     a = chunk.abs()
-    return bool(((a > 1e20) | ((a < 1e-20) & (a > 0))).any())
+    top = float(a.amax())
+    if not math.isfinite(top):
+        _check_finite(chunk)
+    if top > 1e20:
+        return True
+    return bool(a.masked_fill_(a == 0, 1.0).amin() < 1e-20)
 
 
 def default_device() -> str:
@@ -474,8 +481,7 @@ def quantize(x: torch.Tensor | np.ndarray, qtype: T, device: str | None = None) 
     blocks = flat.reshape(-1, QK_K)
     for start in range(0, blocks.shape[0], step):
         chunk = blocks[start:start + step].to(dev).to(torch.float32)  # 16-bit over the bus, then widened
-        _check_finite(chunk)
-        out[start:start + chunk.shape[0]] = fn(chunk, _needs_exact_rounding(chunk)).cpu().numpy()
+        out[start:start + chunk.shape[0]] = fn(chunk, _screen(chunk)).cpu().numpy()
     return out.reshape(*t.shape[:-1], (row_len // QK_K) * type_size)
 
 
