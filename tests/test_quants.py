@@ -7,6 +7,7 @@ the same code ``llama-quantize`` runs without an importance matrix.
 from __future__ import annotations
 
 import ctypes
+import logging
 import time
 from pathlib import Path
 
@@ -169,3 +170,24 @@ def test_cuda_matches_cpu(ggml: ctypes.CDLL) -> None:
         same = (on_gpu.reshape(-1, block_bytes) == theirs.reshape(-1, block_bytes)).all(axis=1)
         print(f"\ncuda {qtype.name}: {100 * same.mean():.3f}% of {same.size} blocks identical to llama.cpp")
         assert same.mean() >= 0.999
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fused_kernels_match_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused Triton searches give the eager torch code's bytes (which match llama.cpp's)."""
+    x = torch.from_numpy(hard_cases(np.random.default_rng(11)))
+    for qtype in quants.K_QUANTS:
+        monkeypatch.setenv("UNSLOTH_NB_FUSED", "0")
+        eager = quants.quantize(x, qtype, "cuda")
+        monkeypatch.setenv("UNSLOTH_NB_FUSED", "1")
+        assert np.array_equal(quants.quantize(x, qtype, "cuda"), eager), qtype.name
+    assert not quants._FUSED_BROKEN
+
+
+def test_fused_kernel_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """A GPU or Triton install that cannot build the fused kernels gets one warning and the eager path."""
+    monkeypatch.setattr(quants, "_FUSED_BROKEN", [])
+    with caplog.at_level(logging.WARNING, logger="unsloth_nb.gguf.quants"):
+        assert quants._run_fused("no_such_kernel") is None
+    assert "eager torch" in caplog.text and quants._FUSED_BROKEN
+    assert not quants._fused()

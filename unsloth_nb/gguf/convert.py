@@ -173,18 +173,19 @@ class _Safetensors:
         dtype, shape = _ST_DTYPES[entry["dtype"]], tuple(entry["shape"]) or (1,)
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         first, last, _ = rows.indices(shape[0])
-        buffer = bytearray((last - first) * row_bytes)
+        # Uninitialised memory: bytearray(n) would zero every page first, holding the GIL the whole time.
+        buffer = torch.empty((last - first) * row_bytes, dtype=torch.uint8)
         if self.fd is None:
             with self._opening:  # workers share one descriptor: open it once
                 if self.fd is None:
                     self.fd = os.open(self.path, os.O_RDONLY)
-        offset, view, done = self.base + entry["data_offsets"][0] + first * row_bytes, memoryview(buffer), 0
-        while done < len(buffer):
+        offset, view, done = self.base + entry["data_offsets"][0] + first * row_bytes, memoryview(buffer.numpy()), 0
+        while done < len(view):
             got = _pread_into(self.fd, view[done:], offset + done)
             if got <= 0:
                 raise OSError(f"{self.path} ended early while reading {name}")
             done += got
-        return torch.frombuffer(buffer, dtype=dtype).reshape(last - first, *shape[1:])
+        return buffer.view(dtype).reshape(last - first, *shape[1:])
 
     def close(self) -> None:
         if self.fd is not None:

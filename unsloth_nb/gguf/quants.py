@@ -11,7 +11,11 @@ works in place, and does a sequential sum as one ``index_add_`` call instead of 
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
+import os
+import threading
 
 import numpy as np
 import torch
@@ -20,6 +24,8 @@ from gguf import quants as gguf_quants
 from gguf.constants import GGML_QUANT_SIZES
 
 from unsloth_nb.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 QK_K = 256
 _GROUP_MAX_EPS = 1e-15
@@ -85,6 +91,31 @@ def _seq_sum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return s
 
 
+_FUSED_BROKEN: list[str] = []
+"""Why the fused kernels failed in this process, once they have (then the eager path is used)."""
+
+
+def _fused() -> bool:
+    """Whether CUDA searches run as the fused Triton kernels of ``quants_triton`` (Triton installed, they have
+    not failed here, and UNSLOTH_NB_FUSED is not 0; the eager torch path is the reference they match)."""
+    if _FUSED_BROKEN or os.environ.get("UNSLOTH_NB_FUSED", "1") == "0":
+        return False
+    return importlib.util.find_spec("triton") is not None
+
+
+def _run_fused(name: str, *args: object) -> tuple[torch.Tensor, ...] | None:
+    """quants_triton.<name>(*args), or None (and eager from then on) if Triton cannot build or run it here."""
+    try:
+        from unsloth_nb.gguf import quants_triton
+
+        return getattr(quants_triton, name)(*args)
+    except Exception as exc:  # an old GPU or a broken Triton install: the eager path gives the same bytes
+        _FUSED_BROKEN.append(f"{type(exc).__name__}: {exc}")
+        logger.warning("The fused Triton K-quant kernels failed on this GPU (%s); using the slower eager torch "
+                       "code instead, which writes the same bytes.", _FUSED_BROKEN[0][:200])
+        return None
+
+
 def _first_absmax(x: torch.Tensor) -> torch.Tensor:
     """The element of largest magnitude along dim 0, sign kept, first on ties, NaN skipped, 0 if none (C's scan)."""
     ax = x.abs().nan_to_num_(nan=-1.0, posinf=torch.inf)
@@ -125,6 +156,12 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
     lowest weighted error; the best min so far feeds the next trial as in C. L is recomputed once
     at the end from the winning (iscale, min) instead of being copied at every improvement.
     """
+    factors = torch.tensor([_f32(rmin) + _f32(rdelta) * _f32(step) + _f32(nmax) for step in range(nstep + 1)],
+                           dtype=torch.float32, device=x.device)
+    if x.is_cuda and not exact and _fused():
+        fused = _run_fused("make_qkx2", x, w, nmax, factors, use_mad)
+        if fused is not None:
+            return fused
     mn = x.amin(dim=0)
     mx = x.amax(dim=0)
     sum_w = _seq_sum(w)
@@ -138,8 +175,6 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
     lf = _round_clamp(torch.sub(x, mn, out=scratch.lf).mul_(iscale), 0, nmax, exact)
     best_error = _qkx2_error(x, w, scratch, scale, mn, use_mad)
     best_iscale, best_mn = torch.where(flat, 0.0, iscale), mn
-    factors = torch.tensor([_f32(rmin) + _f32(rdelta) * _f32(step) + _f32(nmax) for step in range(nstep + 1)],
-                           dtype=torch.float32, device=x.device)
     for factor in factors:
         best_error, best_iscale, best_mn, scale, mn = _qkx2_trial(x, w, mx, flat, sum_w, sum_x, factor, best_error,
                                                                   best_iscale, best_mn, scale, mn, nmax, use_mad,
@@ -186,6 +221,12 @@ def _qkx2_trial(x: torch.Tensor, w: torch.Tensor, mx: torch.Tensor, flat: torch.
 
 def _make_qx(x: torch.Tensor, nmax: int, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml's make_qx_quants with rmse_type 1 (weights x^2) on columns of x (n, M): scale (M,), L (n, M)."""
+    factors = torch.tensor([-(_f32(nmax) + _f32(0.1) * _f32(step)) for step in range(-9, 10) if step != 0],
+                           dtype=torch.float32, device=x.device)
+    if x.is_cuda and not exact and _fused():
+        fused = _run_fused("make_qx", x, nmax, factors)
+        if fused is not None:
+            return fused
     mx = _first_absmax(x)
     tiny = mx.abs() < _GROUP_MAX_EPS
     safe = torch.where(tiny, 1.0, mx)
@@ -196,8 +237,6 @@ def _make_qx(x: torch.Tensor, nmax: int, exact: bool) -> tuple[torch.Tensor, tor
     sumlx, suml2 = _qx_sums(x, w, wx, best_iscale, nmax, exact, scratch)
     scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, 1.0), 0.0)
     best = scale * sumlx
-    factors = torch.tensor([-(_f32(nmax) + _f32(0.1) * _f32(step)) for step in range(-9, 10) if step != 0],
-                           dtype=torch.float32, device=x.device)
     for factor in factors:
         best_iscale, scale, best = _qx_trial(x, w, wx, safe, factor, best_iscale, scale, best, nmax, exact,
                                              scratch)
@@ -481,8 +520,26 @@ def quantize(x: torch.Tensor | np.ndarray, qtype: T, device: str | None = None) 
     blocks = flat.reshape(-1, QK_K)
     for start in range(0, blocks.shape[0], step):
         chunk = blocks[start:start + step].to(dev).to(torch.float32)  # 16-bit over the bus, then widened
-        out[start:start + chunk.shape[0]] = fn(chunk, _screen(chunk)).cpu().numpy()
+        out[start:start + chunk.shape[0]] = _to_host(fn(chunk, _screen(chunk)))
     return out.reshape(*t.shape[:-1], (row_len // QK_K) * type_size)
+
+
+_staging = threading.local()
+
+
+def _to_host(packed: torch.Tensor) -> np.ndarray:
+    """The quantized bytes as a numpy array. From a GPU they go through a page-locked buffer kept per thread:
+    a copy from device memory into ordinary (pageable) memory runs at a fraction of the bus speed."""
+    if not packed.is_cuda:
+        return packed.numpy()
+    n = packed.numel()
+    buffer = getattr(_staging, "buffer", None)
+    if buffer is None or buffer.numel() < n:
+        buffer = _staging.buffer = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    host = buffer[:n].view(packed.shape)
+    host.copy_(packed, non_blocking=True)
+    torch.cuda.current_stream(packed.device).synchronize()
+    return host.numpy()
 
 
 def _quantize_gguf_py(flat: torch.Tensor, qtype: T) -> np.ndarray:
