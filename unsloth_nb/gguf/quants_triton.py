@@ -25,6 +25,24 @@ def _round_clamp(v, lo, hi):
 
 
 @triton.jit
+def _qkx2_error(x_ptr, w_ptr, offs, mask, m, iscale, lmin, scale, offset, N: tl.constexpr, NMAX: tl.constexpr,
+                USE_MAD: tl.constexpr):
+    """sum(w * |scale*L + offset - x|^p) in order, p = 1 with USE_MAD else 2, for L = round(iscale*(x - lmin))."""
+    error = tl.zeros_like(iscale)
+    for i in tl.static_range(N):
+        xi = tl.load(x_ptr + i * m + offs, mask=mask, other=0.0)
+        wi = tl.load(w_ptr + i * m + offs, mask=mask, other=0.0)
+        li = _round_clamp(iscale * (xi - lmin), 0.0, NMAX)
+        diff = (li * scale + offset) - xi
+        if USE_MAD:
+            diff = tl.abs(diff)
+        else:
+            diff = diff * diff
+        error = error + diff * wi
+    return error
+
+
+@triton.jit
 def _qkx2_kernel(x_ptr, w_ptr, factors_ptr, scale_ptr, min_ptr, l_ptr, m, N: tl.constexpr, NMAX: tl.constexpr,
                  NSTEP: tl.constexpr, USE_MAD: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -46,17 +64,7 @@ def _qkx2_kernel(x_ptr, w_ptr, factors_ptr, scale_ptr, min_ptr, l_ptr, m, N: tl.
     flat = mx == mn
     iscale = tl.math.div_rn(tl.full([BLOCK], NMAX, tl.float32), tl.where(flat, 1.0, mx - mn))
     scale = tl.math.div_rn(tl.full([BLOCK], 1.0, tl.float32), iscale)
-    best_error = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in tl.static_range(N):
-        xi = tl.load(x_ptr + i * m + offs, mask=mask, other=0.0)
-        wi = tl.load(w_ptr + i * m + offs, mask=mask, other=0.0)
-        li = _round_clamp(iscale * (xi - mn), 0.0, NMAX)
-        diff = (li * scale + mn) - xi
-        if USE_MAD:
-            diff = tl.abs(diff)
-        else:
-            diff = diff * diff
-        best_error = best_error + diff * wi
+    best_error = _qkx2_error(x_ptr, w_ptr, offs, mask, m, iscale, mn, scale, mn, N, NMAX, USE_MAD)
     best_iscale = tl.where(flat, 0.0, iscale)
     best_mn = mn
     for step in range(NSTEP + 1):
@@ -79,17 +87,7 @@ def _qkx2_kernel(x_ptr, w_ptr, factors_ptr, scale_ptr, min_ptr, l_ptr, m, N: tl.
         positive = this_min > 0
         this_min = tl.where(positive, 0.0, this_min)
         this_scale = tl.where(positive, tl.math.div_rn(sum_xl, sum_l2), this_scale)
-        cur_error = tl.zeros([BLOCK], dtype=tl.float32)
-        for i in tl.static_range(N):
-            xi = tl.load(x_ptr + i * m + offs, mask=mask, other=0.0)
-            wi = tl.load(w_ptr + i * m + offs, mask=mask, other=0.0)
-            li = _round_clamp(iscale * (xi - mn), 0.0, NMAX)
-            diff = (li * this_scale + this_min) - xi
-            if USE_MAD:
-                diff = tl.abs(diff)
-            else:
-                diff = diff * diff
-            cur_error = cur_error + diff * wi
+        cur_error = _qkx2_error(x_ptr, w_ptr, offs, mask, m, iscale, mn, this_scale, this_min, N, NMAX, USE_MAD)
         better = (det > 0) & (cur_error < best_error) & (mx != mn0)
         best_error = tl.where(better, cur_error, best_error)
         best_iscale = tl.where(better, iscale, best_iscale)
