@@ -58,8 +58,8 @@ GIL), or forked processes where the CPU quantizes K-quants (see ``_encoders``)."
 IN_FLIGHT = WORKERS + 2
 """Chunks read or encoded ahead of the writer at most: bounds memory to a few chunks."""
 GPU_CHUNK_FACTOR = 4
-"""On a GPU, chunks are this many times larger and two workers suffice: the eager kernels are bound by
-Python launching them, so fewer, larger chunks are faster, and the host holds at most three of them."""
+"""On a GPU, chunks are this many times larger and two workers suffice: each chunk costs a fixed number of
+kernel launches and host-device copies, so fewer, larger chunks are faster; the host holds at most three."""
 
 
 @dataclass(frozen=True)
@@ -736,7 +736,7 @@ def _encoders(model: _Model, plans: list[_Plan], device: str | None, handles: di
 
     Quantizing K-quants on the CPU is many small torch calls per chunk; in threads, their Python halves
     queue for the GIL, so on Linux those conversions use forked worker processes, each with one torch
-    thread (about 15% faster on two cores). They inherit the model description and open the safetensors
+    thread (about 12% faster on two cores). They inherit the model description and open the safetensors
     files themselves; only the encoded bytes travel back. Everything else (16-bit copies, Q8_0, a GPU)
     is bound by reads or the GPU and stays in threads."""
     global _FORKED
@@ -776,9 +776,11 @@ class _Chunks:
             workers, self.in_flight, chunk = 2, 3, CHUNK_ELEMENTS * GPU_CHUNK_FACTOR
         if model.merged is not None:  # fusing an adapter holds whole merged tensors: one at a time, as planned
             workers, self.in_flight = 1, 1
+        self._cleanup = contextlib.ExitStack()  # unwound by close(), last in first out
+        self._cleanup.callback(lambda: [handle.close() for handle in self.handles.values()])
         self.pool, self.encode = _encoders(model, plans, device, self.handles, workers, on_cpu)
-        self._threads = _torch_threads(1 if on_cpu and workers > 1 else None)
-        self._threads.__enter__()
+        self._cleanup.enter_context(_torch_threads(1 if on_cpu and workers > 1 else None))
+        self._cleanup.callback(self.pool.shutdown, wait=True, cancel_futures=True)
         self.jobs = iter([(i, rows) for i, t in enumerate(model.tensors) for rows in _row_chunks(t, model, chunk)])
         self.pending: collections.deque[tuple[int, Future]] = collections.deque()
         self._submit()
@@ -804,10 +806,7 @@ class _Chunks:
             self._submit()
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        self._threads.__exit__(None, None, None)
-        for handle in self.handles.values():
-            handle.close()
+        self._cleanup.close()
 
 
 def _write(chunks: _Chunks, heads: list[list[bytes]], temps: list[list[Path]], progress: bool) -> list[list[str]]:

@@ -225,8 +225,9 @@ class _HfBpe:
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.vocab: dict[str, int] = self.tokenizer.vocab
+        added_vocab = self.tokenizer.get_added_vocab()
         self.added = {i: (t.special, t.normalized) for i, t in self.tokenizer.added_tokens_decoder.items()
-                      if t.content in self.tokenizer.get_added_vocab()}
+                      if t.content in added_vocab}
         self.pre: str | None = None
 
     def ids(self, text: str) -> list[int]:
@@ -250,7 +251,8 @@ class _FastBpe:
         self.tokenizer = tokenizer
         self.pre = pre
         self.vocab: dict[str, int] = tokenizer.get_vocab(with_added_tokens=True)
-        self.added = {i: (t.special, t.normalized) for i, t in tokenizer.get_added_tokens_decoder().items()}
+        self.decoder = tokenizer.get_added_tokens_decoder()
+        self.added = {i: (t.special, t.normalized) for i, t in self.decoder.items()}
 
     @classmethod
     def load(cls, model_dir: Path) -> _FastBpe | None:
@@ -268,13 +270,12 @@ class _FastBpe:
             return None
         fast = cls(tokenizer, pre)
         declared = read_json(model_dir / "tokenizer_config.json").get("added_tokens_decoder") or {}
-        decoder = tokenizer.get_added_tokens_decoder()
         for key, entry in declared.items():
-            token = decoder.get(int(key)) if key.isdigit() else None
+            token = fast.decoder.get(int(key)) if key.isdigit() else None
             if token is None or token.content != entry.get("content") or token.special != entry.get("special"):
                 return None
         for i, (_, normalized) in fast.added.items():
-            text = decoder[i].content
+            text = fast.decoder[i].content
             if not normalized and (fast.round_trip(text) != text or any(p in text for p in _CLEANED_UP)):
                 return None
         return fast
