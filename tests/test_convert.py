@@ -222,6 +222,78 @@ def test_fast_bpe_reads_what_autotokenizer_reads(kind: str, tmp_path: Path) -> N
     assert vocab._FastBpe.load(tmp_path) is None
 
 
+@pytest.mark.parametrize("kind", fixtures.KINDS)
+def test_special_vocab_reads_what_gguf_py_reads(kind: str) -> None:
+    """Special tokens, add_* flags, chat template and merges are gguf-py's SpecialVocab's answers, although
+    it now sees tokenizer.json without its large "model" section and the merges come from our own parse."""
+    folder = fixtures.build_tokenizer(kind)
+    ours = vocab._special_vocab(folder, load_merges=True).special
+    theirs = gguf.SpecialVocab(folder, load_merges=True)
+    assert ours.special_token_ids == theirs.special_token_ids and ours.chat_template == theirs.chat_template
+    assert ours.merges == theirs.merges
+    assert {k: v for k, v in ours.add_special_token.items() if k not in ("bos", "eos")} == {
+        k: v for k, v in theirs.add_special_token.items() if k not in ("bos", "eos")}
+
+
+def test_merges_with_spaces_are_written_as_gguf_py_writes_them(tmp_path: Path) -> None:
+    """The [a, b] pair format (spaces allowed inside a part) becomes gguf-py's "a b" with U+0120 for spaces."""
+    pairs = [["a", "b"], [" x", "y "], ["\u0120q", "r s t"]]
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "merges": pairs}}))
+    assert vocab._merges(vocab.read_json(tmp_path / "tokenizer.json")) == gguf.SpecialVocab(
+        tmp_path, load_merges=True).merges
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_writer_packs_arrays_as_gguf_py_does(seed: int) -> None:
+    """Writer's one-pass packing of long arrays gives gguf-py's bytes, and leaves to gguf-py (and its errors)
+    what numpy would convert differently: mixed types, out-of-range integers, ints for bools or floats."""
+    rng = np.random.default_rng(seed)
+    V = gguf.GGUFValueType
+    words = ["", " ", "\u0120x", "日本語", "<|eot_id|>", "a b", "\x00"] + [chr(int(c)) * int(n) for c, n in
+                                                                    rng.integers([32, 1], [0x2FFF, 9], (300, 2))]
+    floats = [float(f) for f in rng.standard_normal(500) * 10.0 ** rng.integers(-45, 38, 500)]
+    floats += [float("inf"), float("nan"), -0.0, 1e-45, 3.4028235e38, 3.40282356e38]
+    cases = [(words, None), ([w.encode() for w in words], None), (words, V.STRING),
+             ([int(i) for i in rng.integers(-2**31, 2**31, 400)], None),
+             ([int(i) for i in rng.integers(0, 2**32, 400)], V.UINT32),
+             ([int(i) for i in rng.integers(0, 6, 400)], V.INT32),
+             (floats, None), (floats + [1e300], V.FLOAT64),
+             ([bool(b) for b in rng.integers(0, 2, 300)], None), ([int(b) for b in rng.integers(0, 3, 300)], V.BOOL)]
+    ours, theirs = convert.Writer(None, "llama"), gguf.GGUFWriter(None, "llama")
+    for values, sub in cases:
+        assert ours._pack_val(values, V.ARRAY, True, sub) == theirs._pack_val(values, V.ARRAY, True, sub)
+    for values, sub in [([2**40] * 300, V.INT32), ([-1] * 300, V.UINT8), ([1.0] * 300, V.INT32),
+                        (floats + [3.5e38], None), ([1.5] * 200 + [2] * 100, None)]:
+        with pytest.raises(Exception) as expected:
+            theirs._pack_val(values, V.ARRAY, True, sub)
+        with pytest.raises(expected.type):
+            ours._pack_val(values, V.ARRAY, True, sub)
+
+
+def test_validation_reads_back_header_size_and_tensor_infos(llama2_dir: Path, tmp_path: Path) -> None:
+    """The read-back check fails on a changed header byte, a wrong size or a tensor info that disagrees
+    with the layout, and passes on the file as written."""
+    import dataclasses
+
+    path = convert.convert(llama2_dir, ["q8_0"], tmp_path, progress=False)[0].path
+    model = convert._Model(llama2_dir, None, "cpu")
+    plan = convert._prepare(model, [convert.resolve_method("q8_0")])[0]
+    (head,) = convert._serialize(plan.writer)
+    layout = convert.layout(llama2_dir, "q8_0")
+    convert._validate(path, layout, 0, head)
+    bad = bytearray(head)
+    bad[len(head) // 2] ^= 1
+    with pytest.raises(RuntimeError, match="header is not the one serialized"):
+        convert._validate(path, layout, 0, bytes(bad))
+    moved = (dataclasses.replace(layout.tensors[0], offset=layout.tensors[0].offset + 32),) + layout.tensors[1:]
+    with pytest.raises(RuntimeError, match=f"tensor {layout.tensors[0].name}"):
+        convert._validate(path, dataclasses.replace(layout, tensors=moved), 0, head)
+    with open(path, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(RuntimeError, match="size"):
+        convert._validate(path, layout, 0, head)
+
+
 def _copy_model(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest)
     return dest

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -332,7 +333,7 @@ class _Plan:
                  split_max_size: int = 0) -> None:
         self.method = method
         self.types = [recipes.tensor_type(method, t.name, t.shape, shape) for t in model.tensors]
-        self.writer = gguf.GGUFWriter(None, model.arch.name, split_max_size=split_max_size)
+        self.writer = Writer(None, model.arch.name, split_max_size=split_max_size)
         for t, qtype in zip(model.tensors, self.types, strict=True):
             self.writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), _nbytes(t.shape, qtype),
                                         raw_dtype=qtype)
@@ -342,6 +343,66 @@ class _Plan:
     def file_names(self, first: str) -> list[str]:
         """llama.cpp's shard names for a file called ``first`` (just ``[first]`` unless split)."""
         return [p.name for p in self.writer.format_shard_names(Path(first))]
+
+
+class Writer(gguf.GGUFWriter):
+    """gguf-py's writer, packing long metadata arrays (a vocabulary's tokens, scores, types and merges) with
+    numpy in one go instead of one struct call per element: 0.5 s less per 128k-token vocabulary, same bytes."""
+
+    def _pack_val(self, val: Any, vtype: gguf.GGUFValueType, add_vtype: bool,
+                  sub_type: gguf.GGUFValueType | None = None) -> bytes:
+        if (vtype == gguf.GGUFValueType.ARRAY and self.endianess == gguf.GGUFEndian.LITTLE
+                and isinstance(val, list | tuple) and len(val) >= 256):
+            packed = _pack_array(val, sub_type)
+            if packed is not None:
+                return (struct.pack("<I", vtype) if add_vtype else b"") + packed
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+
+_NUMPY_TYPES = {gguf.GGUFValueType.UINT8: "<u1", gguf.GGUFValueType.INT8: "<i1", gguf.GGUFValueType.UINT16: "<u2",
+                gguf.GGUFValueType.INT16: "<i2", gguf.GGUFValueType.UINT32: "<u4", gguf.GGUFValueType.INT32: "<i4",
+                gguf.GGUFValueType.UINT64: "<u8", gguf.GGUFValueType.INT64: "<i8", gguf.GGUFValueType.FLOAT32: "<f4",
+                gguf.GGUFValueType.FLOAT64: "<f8", gguf.GGUFValueType.BOOL: "<u1"}
+
+
+def _pack_array(val: list | tuple, sub_type: gguf.GGUFValueType | None) -> bytes | None:
+    """An array's element type, count and elements as GGUFWriter packs them, for arrays of one Python type
+    that numpy converts exactly as struct does (strings, ints to integer types, floats to float types, bools);
+    None for anything else, which the caller packs element by element."""
+    kinds = set(map(type, val))
+    if len(kinds) != 1:
+        return None
+    kind = kinds.pop()
+    ltype = sub_type if sub_type is not None else gguf.GGUFValueType.get_type(val[0])
+    head = struct.pack("<IQ", ltype, len(val))
+    if ltype == gguf.GGUFValueType.STRING and kind in (str, bytes):
+        items = [v.encode("utf-8") for v in val] if kind is str else val
+        lengths = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
+        starts = np.arange(len(items), dtype=np.int64) * 8
+        starts[1:] += np.cumsum(lengths[:-1])
+        out = np.empty(8 * len(items) + int(lengths.sum()), dtype=np.uint8)
+        slots = starts[:, None] + np.arange(8)
+        out[slots] = lengths.astype("<u8").view(np.uint8).reshape(-1, 8)
+        text = np.ones(out.size, dtype=bool)
+        text[slots] = False
+        out[text] = np.frombuffer(b"".join(items), dtype=np.uint8)
+        return head + out.tobytes()
+    dtype = _NUMPY_TYPES.get(ltype)
+    if dtype is None:
+        return None
+    integer = np.dtype(dtype).kind in "iu"
+    if not ((kind is bool and ltype == gguf.GGUFValueType.BOOL)
+            or (kind is int and integer and ltype != gguf.GGUFValueType.BOOL)
+            or (kind is float and np.dtype(dtype).kind == "f")):
+        return None
+    try:
+        with np.errstate(over="ignore"):
+            packed = np.array(val, dtype=dtype)
+    except OverflowError:  # an integer out of the type's range: let struct raise its own error
+        return None
+    if packed.dtype.kind == "f" and (np.isinf(packed) & np.isfinite(np.array(val, dtype=np.float64))).any():
+        return None  # a finite float too large for float32: struct refuses it, numpy would write inf
+    return head + packed.tobytes()
 
 
 def _metadata(model: _Model, template: gguf.GGUFWriter) -> dict[str, Any]:
@@ -466,87 +527,47 @@ def _row_chunks(t: _Tensor, model: _Model, chunk_elements: int = CHUNK_ELEMENTS)
     return [slice(r, min(r + step, t.shape[0])) for r in range(0, t.shape[0], step)]
 
 
-def _read_tensor_infos(path: Path) -> tuple[int, list[tuple[str, tuple[int, ...], int, int]]]:
-    """Parse a GGUF file's header: key/values skipped, tensor infos returned as (name, shape, type, offset)
-    with the shape in torch order; also the absolute offset where data starts."""
-    import struct
-
-    scalar = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-    with open(path, "rb") as f:
-        data = f.read(1 << 20)
-        magic, version, n_tensors, n_kv = struct.unpack_from("<IIQQ", data, 0)
-        if magic != gguf.GGUF_MAGIC or version != gguf.GGUF_VERSION:
-            raise RuntimeError(f"{path} does not start with a GGUF v{gguf.GGUF_VERSION} header")
-        pos = 24
-
-        def need(n: int) -> None:
-            nonlocal data
-            while pos + n > len(data):
-                more = f.read(max(n, 1 << 22))
-                if not more:
-                    raise RuntimeError(f"{path} ends inside its header")
-                data += more
-
-        def string() -> str:
-            nonlocal pos
-            need(8)
-            (n,) = struct.unpack_from("<Q", data, pos)
-            need(8 + n)
-            pos += 8 + n
-            return data[pos - n:pos].decode("utf-8", errors="replace")
-
-        def skip(vtype: int) -> None:
-            nonlocal pos
-            if vtype == 8:
-                string()
-            elif vtype == 9:
-                need(12)
-                sub, count = struct.unpack_from("<IQ", data, pos)
-                pos += 12
-                if sub in scalar:
-                    need(count * scalar[sub])
-                    pos += count * scalar[sub]
-                else:
-                    for _ in range(count):
-                        skip(sub)
-            else:
-                need(scalar[vtype])
-                pos += scalar[vtype]
-
-        for _ in range(n_kv):
-            string()
-            need(4)
-            (vtype,) = struct.unpack_from("<I", data, pos)
-            pos += 4
-            skip(vtype)
-        infos = []
-        for _ in range(n_tensors):
-            name = string()
-            need(4)
-            (n_dims,) = struct.unpack_from("<I", data, pos)
-            need(4 + 8 * n_dims + 12)
-            dims = struct.unpack_from(f"<{n_dims}Q", data, pos + 4)
-            qtype, offset = struct.unpack_from("<IQ", data, pos + 4 + 8 * n_dims)
-            pos += 4 + 8 * n_dims + 12
-            infos.append((name, tuple(reversed(dims)), qtype, offset))
-    return gguf.GGUFWriter.ggml_pad(pos, gguf.GGUF_DEFAULT_ALIGNMENT), infos
+def _tensor_infos(head: bytes, tensors: list[TensorLayout]) -> list[tuple[str, tuple[int, ...], int, int]]:
+    """The tensor infos at the end of a serialized header, as (name, shape in torch order, type, offset); the
+    section's length comes from the names and ranks we meant to write, so the key/values need no parsing."""
+    pos = len(head) - sum(8 + len(t.name.encode("utf-8")) + 4 + 8 * len(t.shape) + 12 for t in tensors)
+    infos = []
+    for _ in tensors:
+        (n,) = struct.unpack_from("<Q", head, pos)
+        name = head[pos + 8:pos + 8 + n].decode("utf-8", errors="replace")
+        pos += 8 + n
+        (n_dims,) = struct.unpack_from("<I", head, pos)
+        dims = struct.unpack_from(f"<{n_dims}Q", head, pos + 4)
+        qtype, offset = struct.unpack_from("<IQ", head, pos + 4 + 8 * n_dims)
+        pos += 4 + 8 * n_dims + 12
+        infos.append((name, tuple(reversed(dims)), qtype, offset))
+    return infos
 
 
-def _validate(path: Path, expected: GGUFLayout, shard: int) -> None:
-    """Read a written file's header back and check it describes the file we meant to write."""
+def _validate(path: Path, expected: GGUFLayout, shard: int, head: bytes) -> None:
+    """Read a written file's header back: it must be the bytes we serialized, its tensor infos must describe
+    the layout we meant (names, types, shapes, offsets) and the file must have the expected size."""
     size = path.stat().st_size
-    data_start, infos = _read_tensor_infos(path)
+    with open(path, "rb") as f:
+        written = f.read(len(head))
     tensors = [t for t in expected.tensors if t.shard == shard]
     problems = []
     if size != expected.shards[shard][1]:
         problems.append(f"size {size} != {expected.shards[shard][1]}")
-    if len(infos) != len(tensors):
-        problems.append(f"{len(infos)} tensors != {len(tensors)}")
-    for (name, shape, qtype, offset), want in zip(infos, tensors, strict=False):
-        if (name, shape, qtype, data_start + offset) != (want.name, want.shape, int(want.qtype), want.offset):
-            problems.append(f"tensor {name}: type {qtype} {shape} @ {data_start + offset}, expected "
-                            f"{want.name} {want.qtype.name} {want.shape} @ {want.offset}")
-            break
+    if written != head:
+        problems.append("its header is not the one serialized")
+    else:
+        data_start = gguf.GGUFWriter.ggml_pad(len(head), gguf.GGUF_DEFAULT_ALIGNMENT)
+        try:
+            infos = _tensor_infos(written, tensors)
+        except (struct.error, ValueError) as exc:
+            infos = []
+            problems.append(f"unreadable tensor infos ({exc})")
+        for (name, shape, qtype, offset), want in zip(infos, tensors, strict=False):
+            if (name, shape, qtype, data_start + offset) != (want.name, want.shape, int(want.qtype), want.offset):
+                problems.append(f"tensor {name}: type {qtype} {shape} @ {data_start + offset}, expected "
+                                f"{want.name} {want.qtype.name} {want.shape} @ {want.offset}")
+                break
     if problems:
         raise RuntimeError(f"{path} failed validation after writing: {'; '.join(problems)}")
 
@@ -614,7 +635,7 @@ def convert(model_dir: str | os.PathLike[str], methods: list[str], out_dir: str 
                 digests = _write(chunks, [heads[i] for i in todo], [temps[i] for i in todo], progress)
                 for i, files_digests in zip(todo, digests, strict=True):
                     for shard, temp in enumerate(temps[i]):
-                        _validate(temp, layouts[i], shard)
+                        _validate(temp, layouts[i], shard, heads[i][shard])
                     manifest.record(out, {f.name: (layouts[i].shards[k][1], files_digests[k])
                                           for k, f in enumerate(finals[i])}, inputs[i])
                     for temp, final in zip(temps[i], finals[i], strict=True):

@@ -27,6 +27,7 @@ from unsloth_nb.gguf.convert import (
     ConvertResult,
     GGUFLayout,
     TensorLayout,
+    Writer,
     _check_out_dir,
     _check_space,
     _encode,
@@ -85,9 +86,9 @@ def _shape(t: gguf.gguf_reader.ReaderTensor) -> tuple[int, ...]:
     return tuple(int(d) for d in reversed(t.shape.tolist()))
 
 
-def _writer(reader: gguf.GGUFReader, arch: str, method: recipes.Method, types: list[T]) -> gguf.GGUFWriter:
+def _writer(reader: gguf.GGUFReader, arch: str, method: recipes.Method, types: list[T]) -> Writer:
     """Key/values copied in the source's order (file type set for ``method``) and the new tensor infos."""
-    writer = gguf.GGUFWriter(None, arch)
+    writer = Writer(None, arch)
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name == gguf.Keys.General.ARCHITECTURE:
             continue
@@ -161,7 +162,7 @@ def requantize(source: str | os.PathLike[str], methods: list[str], out_dir: str 
         if todo:
             digests = _write(reader, {i: (temps[i], heads[i], types[i]) for i in todo}, device, progress)
             for i in todo:
-                _validate(temps[i], layouts[i], 0)
+                _validate(temps[i], layouts[i], 0, heads[i])
                 manifest.record(out, {finals[i].name: (layouts[i].size, digests[i])}, inputs[i])
                 os.replace(temps[i], finals[i])
     except OSError as exc:

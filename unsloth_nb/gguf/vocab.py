@@ -9,10 +9,12 @@ added-token rules). Special token ids, add_bos/add_eos and the chat template com
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
@@ -317,22 +319,67 @@ def looks_special(text: str) -> bool:
 
 def _special_vocab(model_dir: Path, *, load_merges: bool, n_vocab: int | None = None) -> gguf.SpecialVocab:
     """gguf-py's SpecialVocab, with the newer llama.cpp rules for add_bos/add_eos and normalizer flags."""
+    tokenizer = read_json(model_dir / "tokenizer.json")
+    merges = _merges(tokenizer) if load_merges else None
     # gguf-py warns "Unknown separator token" for the pair template of Llama 2/3 tokenizers, which only
     # matters for sentence-pair tasks; keep it out of users' notebooks.
     gguf_logger = logging.getLogger("gguf.vocab")
     level = gguf_logger.level
     gguf_logger.setLevel(logging.ERROR)
     try:
-        special = gguf.SpecialVocab(model_dir, load_merges=load_merges, n_vocab=n_vocab)
+        with _small_tokenizer_json(model_dir, tokenizer, load_merges and merges is None) as folder:
+            special = gguf.SpecialVocab(folder, load_merges=load_merges and merges is None, n_vocab=n_vocab)
     finally:
         gguf_logger.setLevel(level)
-    tokenizer = read_json(model_dir / "tokenizer.json")
+    if merges is not None:
+        special.merges = merges
     config = read_json(model_dir / "tokenizer_config.json")
     special.add_special_token.update(_post_processor_flags(tokenizer, config))
     lowercase, strip_accents = _normalizer_flags(tokenizer.get("normalizer") or {})
     special.normalizer_flags = {"tokenizer.ggml.normalizer_lowercase": lowercase,
                                 "tokenizer.ggml.normalizer_strip_accents": strip_accents}
     return _SpecialVocabWithNormalizer(special)
+
+
+_MERGE_SPACE = "\u0120"
+"""How gguf-py writes a space inside one part of a merge (the space itself separates the two parts)."""
+
+
+def _merges(tokenizer: dict[str, Any]) -> list[str] | None:
+    """tokenizer.json's BPE merges as gguf-py writes them ("a b", a space inside a part written as U+0120);
+    None where there are none or their format is one only gguf-py should judge."""
+    merges = (tokenizer.get("model") or {}).get("merges")
+    if not isinstance(merges, list) or not merges:
+        return None
+    if isinstance(merges[0], str):
+        return list(merges)
+    if isinstance(merges[0], list) and len(merges[0]) == 2 and isinstance(merges[0][0], str):
+        if all(len(pair) == 2 for pair in merges):
+            return [f"{a.replace(' ', _MERGE_SPACE)} {b.replace(' ', _MERGE_SPACE)}" for a, b in merges]
+        return [" ".join(part.replace(" ", _MERGE_SPACE) for part in pair) for pair in merges]
+    return None
+
+
+@contextlib.contextmanager
+def _small_tokenizer_json(model_dir: Path, tokenizer: dict[str, Any], needs_model: bool) -> Iterator[Path]:
+    """``model_dir`` as SpecialVocab should see it: the same files, but tokenizer.json without its "model"
+    section (the vocabulary and merges, nearly all of a 128k-token file, which SpecialVocab would parse a
+    second time when it only needs the added tokens and post-processor). The real folder where the merges
+    must come from SpecialVocab itself, or where links cannot be made."""
+    if needs_model or not tokenizer:
+        yield model_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="unsloth_nb-vocab-") as tmp:
+        folder = Path(tmp)
+        try:
+            for entry in model_dir.iterdir():
+                if entry.name != "tokenizer.json":
+                    (folder / entry.name).symlink_to(entry.resolve())
+            small = {key: value for key, value in tokenizer.items() if key != "model"}
+            (folder / "tokenizer.json").write_text(json.dumps(small), encoding="utf-8")
+        except OSError:  # no symlinks (some Windows setups): read the real folder
+            folder = model_dir
+        yield folder
 
 
 def _post_processor_flags(tokenizer: dict[str, Any], config: dict[str, Any]) -> dict[str, bool]:
