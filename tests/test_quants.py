@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -182,6 +185,43 @@ def test_cuda_fused_kernels_match_eager(monkeypatch: pytest.MonkeyPatch) -> None
         monkeypatch.setenv("UNSLOTH_NB_FUSED", "1")
         assert np.array_equal(quants.quantize(x, qtype, "cuda"), eager), qtype.name
     assert not quants._FUSED_BROKEN
+
+
+INTERPRETED_FUSED_CHECK = """
+import numpy as np, torch
+from unsloth_nb.gguf import quants, quants_triton
+
+g = torch.Generator().manual_seed(0)
+x = torch.randn(8, 2048, generator=g) * 0.02
+x[:, ::97] *= 40  # outliers
+x[0, :512] = 0  # all-zero blocks
+x[1, :512] = 0.5  # constant blocks
+x[2, :256] = torch.linspace(-1e-3, 1e-3, 256)
+x = x.bfloat16().float()
+eager = {q: quants.quantize(x, q, "cpu") for q in quants.K_QUANTS}
+ran = []
+for name in ("make_qkx2", "make_qx"):
+    kernel = getattr(quants_triton, name)
+    setattr(quants_triton, name, lambda *a, _k=kernel, _n=name: ran.append(_n) or _k(*a))
+quants._use_fused = lambda t, exact: not exact
+for q in quants.K_QUANTS:
+    out = quants.quantize(x, q, "cpu")
+    size = out.size // (x.numel() // 256)
+    same = (out.reshape(-1, size) == eager[q].reshape(-1, size)).all(axis=1)
+    print(f"{q.name}: fused kernels in Triton's interpreter vs eager: {100 * same.mean():.3f}% of blocks identical")
+    assert same.all(), q.name
+assert not quants._FUSED_BROKEN, quants._FUSED_BROKEN
+assert sorted(set(ran)) == ["make_qkx2", "make_qx"] and len(ran) == 4, ran
+"""
+
+
+def test_fused_kernels_match_eager_in_triton_interpreter() -> None:
+    """The fused Triton searches give the eager code's bytes, checked without a GPU: Triton's interpreter runs
+    the kernels on the CPU (it must be switched on before the kernels are defined, hence a fresh process)."""
+    done = subprocess.run([sys.executable, "-c", INTERPRETED_FUSED_CHECK], capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=1200)
+    print("\n" + done.stdout)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_fused_kernel_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch, caplog) -> None:

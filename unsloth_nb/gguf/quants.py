@@ -103,6 +103,11 @@ def _fused() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _use_fused(x: torch.Tensor, exact: bool) -> bool:
+    """Whether a search over x runs as a fused kernel: on CUDA, for the common case (not ``exact``)."""
+    return x.is_cuda and not exact and _fused()
+
+
 def _run_fused(name: str, *args: object) -> tuple[torch.Tensor, ...] | None:
     """quants_triton.<name>(*args), or None (and eager from then on) if Triton cannot build or run it here."""
     try:
@@ -158,7 +163,7 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
     """
     factors = torch.tensor([_f32(rmin) + _f32(rdelta) * _f32(step) + _f32(nmax) for step in range(nstep + 1)],
                            dtype=torch.float32, device=x.device)
-    if x.is_cuda and not exact and _fused():
+    if _use_fused(x, exact):
         fused = _run_fused("make_qkx2", x, w, nmax, factors, use_mad)
         if fused is not None:
             return fused
@@ -223,7 +228,7 @@ def _make_qx(x: torch.Tensor, nmax: int, exact: bool) -> tuple[torch.Tensor, tor
     """ggml's make_qx_quants with rmse_type 1 (weights x^2) on columns of x (n, M): scale (M,), L (n, M)."""
     factors = torch.tensor([-(_f32(nmax) + _f32(0.1) * _f32(step)) for step in range(-9, 10) if step != 0],
                            dtype=torch.float32, device=x.device)
-    if x.is_cuda and not exact and _fused():
+    if _use_fused(x, exact):
         fused = _run_fused("make_qx", x, nmax, factors)
         if fused is not None:
             return fused

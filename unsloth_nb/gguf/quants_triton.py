@@ -4,7 +4,8 @@ On a GPU the eager search is bound by launching ~20 small torch operations per t
 runs a whole search per sub-block in registers. Byte-exactness needs C's float32 arithmetic: every division
 is IEEE round-to-nearest (``div_rn``; Triton's ``/`` is approximate), kernels are compiled without FMA
 contraction, and every sum runs over the sub-block's elements in order. Only the common case comes here
-(finite values between 1e-20 and 1e20 in magnitude, or zero); ``quants`` keeps the rest.
+(finite values between 1e-20 and 1e20 in magnitude, or zero); ``quants`` keeps the rest. Under
+``TRITON_INTERPRET=1`` the kernels run on the CPU: the tests check them against the eager code that way.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import triton.language as tl
 
 _BLOCK = 128
 """Sub-blocks per program."""
+_UNROLL: tl.constexpr = tl.constexpr(8)
+"""Loops over a sub-block's 16 or 32 elements are unrolled 8 at a time, not fully: fully unrolled, Triton
+took 20 s to compile each of the Q4_K and Q5_K searches (about 45 s before a fresh machine's first export),
+8 at a time under 1 s."""
 
 
 @triton.jit
@@ -29,7 +34,7 @@ def _qkx2_error(x_ptr, w_ptr, offs, mask, m, iscale, lmin, scale, offset, N: tl.
                 USE_MAD: tl.constexpr):
     """sum(w * |scale*L + offset - x|^p) in order, p = 1 with USE_MAD else 2, for L = round(iscale*(x - lmin))."""
     error = tl.zeros_like(iscale)
-    for i in tl.static_range(N):
+    for i in tl.range(0, N, loop_unroll_factor=_UNROLL):
         xi = tl.load(x_ptr + i * m + offs, mask=mask, other=0.0)
         wi = tl.load(w_ptr + i * m + offs, mask=mask, other=0.0)
         li = _round_clamp(iscale * (xi - lmin), 0.0, NMAX)
@@ -52,7 +57,7 @@ def _qkx2_kernel(x_ptr, w_ptr, factors_ptr, scale_ptr, min_ptr, l_ptr, m, N: tl.
     mx = x0
     sum_w = tl.zeros([BLOCK], dtype=tl.float32)
     sum_x = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in tl.static_range(N):
+    for i in tl.range(0, N, loop_unroll_factor=_UNROLL):
         xi = tl.load(x_ptr + i * m + offs, mask=mask, other=0.0)
         wi = tl.load(w_ptr + i * m + offs, mask=mask, other=0.0)
         mn = tl.minimum(mn, xi)
@@ -73,7 +78,7 @@ def _qkx2_kernel(x_ptr, w_ptr, factors_ptr, scale_ptr, min_ptr, l_ptr, m, N: tl.
         sum_l = tl.zeros([BLOCK], dtype=tl.float32)
         sum_xl = tl.zeros([BLOCK], dtype=tl.float32)
         sum_l2 = tl.zeros([BLOCK], dtype=tl.float32)
-        for i in tl.static_range(N):
+        for i in tl.range(0, N, loop_unroll_factor=_UNROLL):
             xi = tl.load(x_ptr + i * m + offs, mask=mask, other=0.0)
             wi = tl.load(w_ptr + i * m + offs, mask=mask, other=0.0)
             li = _round_clamp(iscale * (xi - mn), 0.0, NMAX)
@@ -94,7 +99,7 @@ def _qkx2_kernel(x_ptr, w_ptr, factors_ptr, scale_ptr, min_ptr, l_ptr, m, N: tl.
         best_mn = tl.where(better, mn, best_mn)
         scale = tl.where(better, this_scale, scale)
         mn = tl.where(better, this_min, mn)
-    for i in tl.static_range(N):
+    for i in tl.range(0, N, loop_unroll_factor=_UNROLL):
         xi = tl.load(x_ptr + i * m + offs, mask=mask, other=0.0)
         tl.store(l_ptr + i * m + offs, _round_clamp(best_iscale * (xi - best_mn), 0.0, NMAX), mask=mask)
     tl.store(scale_ptr + offs, tl.where(flat, 0.0, scale), mask=mask)
@@ -119,7 +124,7 @@ def _qx_sums(x_ptr, offs, mask, m, iscale, N: tl.constexpr, NMAX: tl.constexpr):
     """sum(w*x*L) and sum(w*L*L) in order for L = round(iscale * x), w = x*x (make_qx_quants, rmse_type 1)."""
     sumlx = tl.zeros_like(iscale)
     suml2 = tl.zeros_like(iscale)
-    for i in tl.static_range(N):
+    for i in tl.range(0, N, loop_unroll_factor=_UNROLL):
         xi = tl.load(x_ptr + i * m + offs, mask=mask, other=0.0)
         wi = xi * xi
         li = _round_clamp(iscale * xi, -NMAX, NMAX - 1)
@@ -135,7 +140,7 @@ def _qx_kernel(x_ptr, factors_ptr, scale_ptr, l_ptr, m, N: tl.constexpr, NMAX: t
     mask = offs < m
     amax = tl.zeros([BLOCK], dtype=tl.float32)
     mx = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in tl.static_range(N):
+    for i in tl.range(0, N, loop_unroll_factor=_UNROLL):
         xi = tl.load(x_ptr + i * m + offs, mask=mask, other=0.0)
         take = tl.abs(xi) > amax
         amax = tl.where(take, tl.abs(xi), amax)
@@ -153,7 +158,7 @@ def _qx_kernel(x_ptr, factors_ptr, scale_ptr, l_ptr, m, N: tl.constexpr, NMAX: t
         scale = tl.where(better, tl.math.div_rn(sumlx, tl.where(better, suml2, 1.0)), scale)
         best_iscale = tl.where(better, iscale, best_iscale)
         best = tl.where(better, scale * sumlx, best)
-    for i in tl.static_range(N):
+    for i in tl.range(0, N, loop_unroll_factor=_UNROLL):
         xi = tl.load(x_ptr + i * m + offs, mask=mask, other=0.0)
         li = _round_clamp(best_iscale * xi, -NMAX, NMAX - 1) + NMAX
         tl.store(l_ptr + i * m + offs, tl.where(tiny, 0.0, li), mask=mask)
