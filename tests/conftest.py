@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -66,6 +68,20 @@ def no_orphan_servers():
     leaked = serve.running_servers()
     serve.stop_all()
     assert not leaked, f"servers left running: {leaked}"
+
+
+TMP_PEAK = 3.5e9
+"""Bytes a full run holds at once under the temp folder (2.9 GB measured, with pyproject's retention policy)."""
+
+
+def pytest_report_header(config) -> list[str]:
+    """Free space where the tests write, so that a run on a nearly full disk says why it fails."""
+    tmp = tempfile.gettempdir()
+    free = shutil.disk_usage(tmp).free
+    line = f"free disk in {tmp}: {free / 1e9:.1f} GB (a full run needs about {TMP_PEAK / 1e9:.1f} GB there)"
+    if free < TMP_PEAK:
+        line += " -- WARNING: too little; tests that write models and GGUFs will fail with 'No space left on device'"
+    return [line]
 
 
 RELIABILITY: Counter = Counter()
