@@ -350,13 +350,13 @@ class Writer(gguf.GGUFWriter):
     numpy in one go instead of one struct call per element: 0.5 s less per 128k-token vocabulary, same bytes."""
 
     def _pack_val(self, val: Any, vtype: gguf.GGUFValueType, add_vtype: bool,
-                  sub_type: gguf.GGUFValueType | None = None) -> bytes:
-        if (vtype == gguf.GGUFValueType.ARRAY and self.endianess == gguf.GGUFEndian.LITTLE
-                and isinstance(val, list | tuple) and len(val) >= 256):
+                  sub_type: gguf.GGUFValueType | None = None, *more: Any, **options: Any) -> bytes:
+        if (vtype == gguf.GGUFValueType.ARRAY and self.endianess == gguf.GGUFEndian.LITTLE and not more
+                and not options and isinstance(val, list | tuple) and len(val) >= 256):
             packed = _pack_array(val, sub_type)
             if packed is not None:
                 return (struct.pack("<I", vtype) if add_vtype else b"") + packed
-        return super()._pack_val(val, vtype, add_vtype, sub_type)
+        return super()._pack_val(val, vtype, add_vtype, sub_type, *more, **options)
 
 
 _NUMPY_TYPES = {gguf.GGUFValueType.UINT8: "<u1", gguf.GGUFValueType.INT8: "<i1", gguf.GGUFValueType.UINT16: "<u2",
