@@ -178,6 +178,7 @@ def test_llamacpp_backend_writes_the_same_file(llama2_dir: Path, tmp_path: Path)
     theirs = convert.convert_with_llamacpp(llama2_dir, ["q8_0"], tmp_path / "llamacpp")[0]
     assert theirs.path.name == ours.path.name
     assert theirs.path.read_bytes() == ours.path.read_bytes()
+    assert theirs.tensors == ours.tensors == len(gguf.GGUFReader(ours.path).tensors)
 
 
 def test_bpe_hash_table_is_the_references(tmp_path: Path) -> None:

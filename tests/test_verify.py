@@ -34,6 +34,7 @@ def test_correct_exports_pass(llama2_dir, exported) -> None:
     print(report)
     assert report.ok, str(report)
     merged_report, bf16, q8 = report.artifacts
+    assert [a.method for a in report.artifacts] == ["merged", "bf16", "q8_0"]  # read from general.file_type
     assert merged_report.top1 >= 0.99 and bf16.top1 >= 0.98
     assert q8.logit_error > bf16.logit_error  # q8_0 loses a little more than bf16
     assert all(a.answers and all(a.answers) for a in report.artifacts)  # greedy text from every artifact

@@ -188,28 +188,39 @@ class _Tally:
         return top1, self.kl / max(self.positions, 1), (self.error / max(self.spread, 1e-30)) ** 0.5
 
 
+_FILE_TYPES = {0: "f32", 1: "f16", 7: "q8_0", 2: "q4_0", 3: "q4_1", 8: "q5_0", 9: "q5_1", 10: "q2_k", 11: "q3_k_s",
+               12: "q3_k_m", 13: "q3_k_l", 14: "q4_k_s", 15: "q4_k_m", 16: "q5_k_s", 17: "q5_k_m", 18: "q6_k",
+               32: "bf16"}
+
+
 def gguf_method(path: Path) -> str:
     """The export method of a GGUF file, from its general.file_type key."""
-    import gguf
+    return _method(_scalars(path))
 
-    names = {0: "f32", 1: "f16", 7: "q8_0", 2: "q4_0", 3: "q4_1", 8: "q5_0", 9: "q5_1", 10: "q2_k", 11: "q3_k_s",
-             12: "q3_k_m", 13: "q3_k_l", 14: "q4_k_s", 15: "q4_k_m", 16: "q5_k_s", 17: "q5_k_m", 18: "q6_k",
-             32: "bf16"}
-    field_ = gguf.GGUFReader(path).fields.get("general.file_type")
-    return names.get(int(field_.contents()), "unknown") if field_ is not None else "unknown"
+
+def _scalars(path: Path) -> dict:
+    """The GGUF's scalar and string keys. gguf-py's GGUFReader would build every vocabulary entry as a numpy
+    view: 10-20 s per 128k-token file, which made it most of verify's time."""
+    from unsloth_nb.serve import gguf_scalars
+
+    return gguf_scalars(path)
+
+
+def _method(scalars: dict) -> str:
+    file_type = scalars.get("general.file_type")
+    return _FILE_TYPES.get(int(file_type), "unknown") if file_type is not None else "unknown"
 
 
 def _gguf_report(ref: _Reference, path: Path, sequences: list[tuple[list[int], list[int]]],
                  max_new_tokens: int) -> ArtifactReport:
-    import gguf
     import torch
     from llama_cpp import Llama
 
-    method = gguf_method(path)
+    scalars = _scalars(path)
+    method = _method(scalars)
     problems: list[str] = []
-    fields = gguf.GGUFReader(path).fields
-    template = fields.get("tokenizer.chat_template")
-    if template is not None and ref.tokenizer.chat_template and template.contents() != ref.tokenizer.chat_template:
+    template = scalars.get("tokenizer.chat_template")
+    if template is not None and ref.tokenizer.chat_template and template != ref.tokenizer.chat_template:
         problems.append("the GGUF's chat template differs from the fine-tune's: servers will format prompts "
                         "differently from training (export with the adapter's tokenizer files)")
     longest = max(len(p) + len(a) for p, a in sequences)

@@ -917,7 +917,8 @@ def convert_with_llamacpp(model_dir: str | os.PathLike[str], methods: list[str],
             os.replace(temp, final)
         finally:
             temp.unlink(missing_ok=True)
-        n = len(gguf.GGUFReader(final).tensors)
+        with open(final, "rb") as f:  # the header's tensor count (GGUFReader would parse the vocabulary too)
+            (n,) = struct.unpack_from("<Q", f.read(16), 8)
         results.append(ConvertResult(m.name, final, final.stat().st_size, time.perf_counter() - started, n))
     return results
 
