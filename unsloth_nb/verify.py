@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unsloth_nb.errors import UserError
+from unsloth_nb.serve import gguf_scalars
 
 DEFAULT_PROMPTS = ("What is the capital of Zorblax?", "Write one sentence about the sea.",
                    "List three colours.")
@@ -195,15 +196,7 @@ _FILE_TYPES = {0: "f32", 1: "f16", 7: "q8_0", 2: "q4_0", 3: "q4_1", 8: "q5_0", 9
 
 def gguf_method(path: Path) -> str:
     """The export method of a GGUF file, from its general.file_type key."""
-    return _method(_scalars(path))
-
-
-def _scalars(path: Path) -> dict:
-    """The GGUF's scalar and string keys. gguf-py's GGUFReader would build every vocabulary entry as a numpy
-    view: 10-20 s per 128k-token file, which made it most of verify's time."""
-    from unsloth_nb.serve import gguf_scalars
-
-    return gguf_scalars(path)
+    return _method(gguf_scalars(path))
 
 
 def _method(scalars: dict) -> str:
@@ -216,7 +209,7 @@ def _gguf_report(ref: _Reference, path: Path, sequences: list[tuple[list[int], l
     import torch
     from llama_cpp import Llama
 
-    scalars = _scalars(path)
+    scalars = gguf_scalars(path)  # not gguf-py's GGUFReader: it builds every vocabulary entry (10-20 s at 128k)
     method = _method(scalars)
     problems: list[str] = []
     template = scalars.get("tokenizer.chat_template")

@@ -354,9 +354,7 @@ def _merges(tokenizer: dict[str, Any]) -> list[str] | None:
     if isinstance(merges[0], str):
         return list(merges)
     if isinstance(merges[0], list) and len(merges[0]) == 2 and isinstance(merges[0][0], str):
-        if all(len(pair) == 2 for pair in merges):
-            return [f"{a.replace(' ', _MERGE_SPACE)} {b.replace(' ', _MERGE_SPACE)}" for a, b in merges]
-        return [" ".join(part.replace(" ", _MERGE_SPACE) for part in pair) for pair in merges]
+        return [" ".join([part.replace(" ", _MERGE_SPACE) for part in pair]) for pair in merges]
     return None
 
 
