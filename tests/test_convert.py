@@ -295,6 +295,32 @@ def test_validation_reads_back_header_size_and_tensor_infos(llama2_dir: Path, tm
         convert._validate(path, layout, 0, head)
 
 
+def test_chunks_run_ahead_within_their_byte_budget(llama3_dir: Path) -> None:
+    """With a lookahead budget (a GPU's, set here on the CPU) more chunks are queued at once, never more encoded
+    bytes than the budget beyond IN_FLIGHT chunks, and the writer gets exactly the chunks it gets without one."""
+    model = convert._Model(llama3_dir, None, "cpu")
+    plans = convert._prepare(model, [convert.resolve_method(m) for m in ("q8_0", "q4_k_m")])
+
+    def drain(ahead: int) -> tuple[list, int, int]:
+        chunks = convert._Chunks(model, plans, "cpu", ahead=ahead)
+        try:
+            queued, held = len(chunks.pending), chunks.pending_bytes
+            got = [(i, n, [a.tobytes() for a in parts]) for i, n, parts in chunks]
+            assert chunks.pending_bytes == 0
+            return got, queued, held
+        finally:
+            chunks.close()
+
+    plain, queued_plain, _ = drain(0)
+    budget = 64 << 20
+    ahead, queued_ahead, held = drain(budget)
+    assert queued_plain == convert.IN_FLIGHT
+    assert queued_ahead > queued_plain and held <= budget
+    assert ahead == plain
+    total = sum(len(b) for _, _, parts in plain for b in parts)
+    assert total == sum(convert._nbytes(t.shape, p.types[i]) for p in plans for i, t in enumerate(model.tensors))
+
+
 def _copy_model(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest)
     return dest

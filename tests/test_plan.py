@@ -376,6 +376,19 @@ def test_merge_ram_is_about_one_tensor(models):
     assert merge.ram > size.largest.nbytes
 
 
+def test_gpu_pass_counts_the_chunks_quantized_ahead(models):
+    """On a GPU the converter lets encoded chunks wait for the writer (convert.GPU_LOOKAHEAD_BYTES): the plan's
+    RAM for the pass includes them; with device="cpu" it does not."""
+    from unsloth_nb.gguf import convert
+
+    assert planner.GGUF_GPU_LOOKAHEAD_BYTES == convert.GPU_LOOKAHEAD_BYTES
+    for name in ("llama-1b", "llama-8b"):
+        gpu = planner.make_plan(models[name], "q4_k_m", runtime=colab())
+        cpu = planner.make_plan(models[name], "q4_k_m", runtime=colab(), device="cpu")
+        assert gpu.steps[-1].ram - cpu.steps[-1].ram == convert.GPU_LOOKAHEAD_BYTES, name
+        assert gpu.steps[-1].disk > convert.GPU_LOOKAHEAD_BYTES
+
+
 def test_unknown_method_is_a_user_error(models):
     with pytest.raises(UserError, match="q4_k_m"):
         planner.make_plan(models["llama-1b"], "q4_k_mm", runtime=laptop())

@@ -55,6 +55,9 @@ at a time in GPU memory."""
 GGUF_GPU_CHUNK_FACTOR = 4
 """convert.GPU_CHUNK_FACTOR: how much larger the converter's chunks are on a GPU."""
 
+GGUF_GPU_LOOKAHEAD_BYTES = 512 << 20
+"""convert.GPU_LOOKAHEAD_BYTES: encoded bytes a GPU pass may hold for the writer (at most the outputs' size)."""
+
 GGUF_WORK_BYTES = 10
 """Working bytes per element of a chunk while converting: its float32 copy plus the quantizer's buffers."""
 
@@ -749,7 +752,7 @@ def _steps(base: ModelSize, lora: ModelSize | None, methods: list[str], sizes: d
         ram = BASE_RAM + max(2 * base.largest.nbytes, _adapter_ram(base, lora))
         steps.append(Step("merge (16-bit copy)", ram, base.bytes_16bit + base.extra_bytes, merged))
     if methods:
-        ram = gguf_ram(base, methods, lora if fused else None)
+        ram = gguf_ram(base, methods, lora if fused else None, gpu)
         vram = 2 * GGUF_GPU_CHUNK_FACTOR * gguf_chunk_elements(base) * GGUF_WORK_BYTES if gpu else 0
         tag = " (fused LoRA)" if fused else ""
         for m in methods:
@@ -765,12 +768,15 @@ def _adapter_ram(base: ModelSize, lora: ModelSize) -> int:
     return lora.n_params * 4 + max(t.numel for t in targets) * MERGE_WORK_BYTES
 
 
-def gguf_ram(base: ModelSize, methods: list[str], lora: ModelSize | None = None) -> int:
-    """Peak RAM of one GGUF pass writing every method in ``methods`` (fusing ``lora`` when given)."""
+def gguf_ram(base: ModelSize, methods: list[str], lora: ModelSize | None = None, gpu: bool = False) -> int:
+    """Peak RAM of one GGUF pass writing every method in ``methods`` (fusing ``lora`` when given; on a GPU
+    without one, the encoded chunks quantized ahead of the writer count too)."""
     chunk = gguf_chunk_elements(base, whole=lora is not None)
     per_chunk = GGUF_WORK_BYTES + sum(_bits(m) for m in methods) // 8
     held = 1 if lora is not None else GGUF_IN_FLIGHT  # fused: one whole tensor at a time
     ram = BASE_RAM + TOKENIZER_RAM_FACTOR * _tokenizer_bytes(base) + held * chunk * per_chunk
+    if gpu and lora is None:
+        ram += min(GGUF_GPU_LOOKAHEAD_BYTES, base.n_params * sum(_bits(m) for m in methods) // 8)
     return ram + (_adapter_ram(base, lora) if lora is not None else 0)
 
 

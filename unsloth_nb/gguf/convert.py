@@ -60,7 +60,11 @@ IN_FLIGHT = WORKERS + 2
 """Chunks read or encoded ahead of the writer at most: bounds memory to a few chunks."""
 GPU_CHUNK_FACTOR = 4
 """On a GPU, chunks are this many times larger and two workers suffice: each chunk costs a fixed number of
-kernel launches and host-device copies, so fewer, larger chunks are faster; the host holds at most three."""
+kernel launches and host-device copies, so fewer, larger chunks are faster; two are read at a time."""
+GPU_LOOKAHEAD_BYTES = 512 << 20
+"""On a GPU, encoded chunks may wait for the writer up to this many bytes. The file's first byte can only be
+written once the metadata (mostly the vocabulary, about a second) is built; meanwhile the GPU quantizes
+ahead instead of idling after three chunks. About a second of a Q4_K_M export's output."""
 
 
 @dataclass(frozen=True)
@@ -617,7 +621,7 @@ def convert(model_dir: str | os.PathLike[str], methods: list[str], out_dir: str 
     todo = [i for i in range(len(plans)) if not done[i]]
     temps = {i: [f.with_name(f"{f.name}.tmp-{os.getpid()}") for f in finals[i]] for i in todo}
     if check_space and todo:
-        _check_ram(model, [plans[i].method.name for i in todo])
+        _check_ram(model, [plans[i].method.name for i in todo], (device or quants.default_device()) != "cpu")
     # Reading and quantizing start now, while this thread builds the metadata (mostly the vocabulary).
     chunks = _Chunks(model, [plans[i] for i in todo], device) if todo else None
     try:
@@ -679,12 +683,12 @@ def _reusable(finals: list[list[Path]], inputs: list[str], out: Path, overwrite:
     return done
 
 
-def _check_ram(model: _Model, methods: list[str]) -> None:
+def _check_ram(model: _Model, methods: list[str], gpu: bool) -> None:
     """The planner's RAM check for the pass, before any chunk is read."""
     from unsloth_nb import plan
 
     lora = plan.size_adapter(model.merged.adapter.path) if model.merged is not None else None
-    plan.require_ram("The GGUF pass", plan.gguf_ram(plan.size_model(model.dir), methods, lora))
+    plan.require_ram("The GGUF pass", plan.gguf_ram(plan.size_model(model.dir), methods, lora, gpu))
 
 
 def _check_space(out: Path, need: int) -> None:
@@ -784,39 +788,57 @@ class _Chunks:
     """Every tensor's row chunks, read and encoded for every plan by worker threads or processes, in file order.
 
     Workers start on construction, at most IN_FLIGHT chunks ahead of the consumer (iteration), so the
-    caller can build the metadata meanwhile. On the CPU each worker keeps torch to one thread, so the
-    workers, not torch, share the cores. ``close`` stops the workers and closes the files."""
+    caller can build the metadata meanwhile; on a GPU further ahead, while the waiting encoded bytes fit
+    GPU_LOOKAHEAD_BYTES (a queued job holds no memory until one of the two workers takes it). On the CPU
+    each worker keeps torch to one thread, so the workers, not torch, share the cores. ``close`` stops the
+    workers and closes the files."""
 
-    def __init__(self, model: _Model, plans: list[_Plan], device: str | None) -> None:
+    def __init__(self, model: _Model, plans: list[_Plan], device: str | None, ahead: int | None = None) -> None:
+        """``ahead``: encoded bytes that may wait beyond IN_FLIGHT chunks (default: GPU_LOOKAHEAD_BYTES on a
+        GPU, none on the CPU, whose workers are busy anyway)."""
         self.model, self.plans = model, plans
         self.handles = {part: _Safetensors(part)
                         for part in sorted({t.part for t in model.tensors if t.part is not None})}
         on_cpu = (device or quants.default_device()) == "cpu"
-        workers, self.in_flight, chunk = WORKERS, IN_FLIGHT, CHUNK_ELEMENTS
+        workers, self.in_flight, chunk, self.ahead = WORKERS, IN_FLIGHT, CHUNK_ELEMENTS, 0
         if not on_cpu:
-            workers, self.in_flight, chunk = 2, 3, CHUNK_ELEMENTS * GPU_CHUNK_FACTOR
+            workers, self.in_flight, chunk, self.ahead = 2, 3, CHUNK_ELEMENTS * GPU_CHUNK_FACTOR, GPU_LOOKAHEAD_BYTES
+        if ahead is not None:
+            self.ahead = ahead
         if model.merged is not None:  # fusing an adapter holds whole merged tensors: one at a time, as planned
-            workers, self.in_flight = 1, 1
+            workers, self.in_flight, self.ahead = 1, 1, 0
         self._cleanup = contextlib.ExitStack()  # unwound by close(), last in first out
         self._cleanup.callback(lambda: [handle.close() for handle in self.handles.values()])
         self.pool, self.encode = _encoders(model, plans, device, self.handles, workers, on_cpu)
         self._cleanup.enter_context(_torch_threads(1 if on_cpu and workers > 1 else None))
         self._cleanup.callback(self.pool.shutdown, wait=True, cancel_futures=True)
-        self.jobs = iter([(i, rows) for i, t in enumerate(model.tensors) for rows in _row_chunks(t, model, chunk)])
-        self.pending: collections.deque[tuple[int, Future]] = collections.deque()
+        self.jobs = collections.deque((i, rows) for i, t in enumerate(model.tensors)
+                                      for rows in _row_chunks(t, model, chunk))
+        self.pending: collections.deque[tuple[int, int, Future]] = collections.deque()
+        self.pending_bytes = 0
+        """Encoded bytes the pending jobs produce (done or not)."""
         self._submit()
 
+    def _encoded_bytes(self, i: int, rows: slice) -> int:
+        t = self.model.tensors[i]
+        shape = (len(range(*rows.indices(t.shape[0]))), *t.shape[1:]) if t.shape else t.shape
+        return sum(_nbytes(shape, plan.types[i]) for plan in self.plans)
+
     def _submit(self) -> None:
-        while len(self.pending) < self.in_flight:
-            job = next(self.jobs, None)
-            if job is None:
+        while self.jobs:
+            i, rows = self.jobs[0]
+            nbytes = self._encoded_bytes(i, rows)
+            if len(self.pending) >= self.in_flight and self.pending_bytes + nbytes > self.ahead:
                 return
-            self.pending.append((job[0], self.pool.submit(self.encode, *job)))
+            self.jobs.popleft()
+            self.pending.append((i, nbytes, self.pool.submit(self.encode, i, rows)))
+            self.pending_bytes += nbytes
 
     def __iter__(self) -> Iterator[tuple[int, int, list[np.ndarray]]]:
         """(tensor index, element count, one encoded array per plan) for each chunk, in order."""
         while self.pending:
-            i, future = self.pending.popleft()
+            i, nbytes, future = self.pending.popleft()
+            self.pending_bytes -= nbytes
             try:
                 count, parts = future.result()
             except BrokenProcessPool as exc:
