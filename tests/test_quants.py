@@ -187,6 +187,29 @@ def test_cuda_fused_kernels_match_eager(monkeypatch: pytest.MonkeyPatch) -> None
     assert not quants._FUSED_BROKEN
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_prepare_builds_the_fused_kernels_in_the_background(monkeypatch: pytest.MonkeyPatch) -> None:
+    """convert.prepare returns at once with a thread that runs every fused kernel (so Triton builds them)."""
+    from unsloth_nb.gguf import convert, quants_triton
+
+    ran = []
+    for name in ("make_qkx2", "make_qx"):
+        kernel = getattr(quants_triton, name)
+        monkeypatch.setattr(quants_triton, name, lambda *a, _k=kernel, _n=name: ran.append(_n) or _k(*a))
+    thread = convert.prepare(["q4_k_m", "q8_0"], "cuda")
+    thread.join()
+    assert sorted(set(ran)) == ["make_qkx2", "make_qx"] and not quants._FUSED_BROKEN
+
+
+def test_prepare_builds_nothing_without_a_gpu_or_a_k_quant() -> None:
+    from unsloth_nb.gguf import convert
+
+    assert convert.prepare(["q4_k_m"], "cpu") is None
+    assert convert.prepare(["q8_0", "bf16"], "cuda") is None
+    with pytest.raises(UserError, match="q4_k_m"):
+        convert.prepare(["q4_km"], "cpu")
+
+
 INTERPRETED_FUSED_CHECK = """
 import numpy as np, torch
 from unsloth_nb.gguf import quants, quants_triton
@@ -212,6 +235,9 @@ for q in quants.K_QUANTS:
     assert same.all(), q.name
 assert not quants._FUSED_BROKEN, quants._FUSED_BROKEN
 assert sorted(set(ran)) == ["make_qkx2", "make_qx"] and len(ran) == 4, ran
+ran.clear()
+quants.warm_up([q for q in quants.K_QUANTS for _ in range(2)], "cpu")  # each type once: what convert.prepare runs
+assert sorted(ran) == ["make_qkx2", "make_qkx2", "make_qkx2", "make_qx"], ran
 """
 
 

@@ -587,6 +587,23 @@ def _check_out_dir(out_dir: Path) -> None:
                         "with --out, or change its permissions.")
 
 
+def prepare(methods: list[str], device: str | None = None) -> threading.Thread | None:
+    """Start building the GPU kernels that ``methods`` quantize with, in a background thread, and return at once
+    (the thread, or None when there is nothing to build: the CPU, or no K-quant method among them).
+
+    Triton compiles the fused K-quant kernels the first time they run on a machine, which on a fresh one
+    (every Colab session) takes seconds, and loads them in every new process (about a second). A notebook
+    calls this before training, so the GGUF step finds them ready. Unknown names raise convert's UserError."""
+    resolved = [resolve_method(m) if isinstance(m, str) else m for m in methods]
+    device = device or quants.default_device()
+    if device == "cpu" or not any(m.base_type in quants.K_QUANTS for m in resolved):
+        return None
+    thread = threading.Thread(target=quants.warm_up, args=(quants.K_QUANTS, device), name="gguf_prepare",
+                              daemon=True)
+    thread.start()
+    return thread
+
+
 def convert(model_dir: str | os.PathLike[str], methods: list[str], out_dir: str | os.PathLike[str], *,
             adapter: str | os.PathLike[str] | None = None, device: str | None = None,
             split_max_size: int | None = None, progress: bool = True,

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -482,6 +483,20 @@ def _screen(chunk: torch.Tensor) -> bool:
 def default_device() -> str:
     """"cuda" when a CUDA GPU is usable, else "cpu"."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def warm_up(qtypes: Iterable[T], device: str) -> None:
+    """Quantize one small random tensor per K-quant type of ``qtypes`` on ``device``. On a GPU this builds the
+    fused kernels (Triton compiles them in seconds on a fresh machine, and loads them from its cache in each
+    new process) ahead of the real work: see ``convert.prepare``. A failure here is left for the real work to
+    report."""
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(8, 256, generator=generator).to(torch.bfloat16)
+    for qtype in dict.fromkeys(q for q in qtypes if q in K_QUANTS):
+        try:
+            quantize(sample, qtype, device=device)
+        except Exception as exc:  # noqa: BLE001 - the chunk that needs the kernel raises it properly
+            logger.debug("warm-up of %s on %s failed: %s", qtype.name, device, exc)
 
 
 def _check_finite(t: torch.Tensor) -> None:
