@@ -49,8 +49,8 @@ Llama's q/k projections in chunks of whole heads, because their rows are permute
 
 GGUF_IN_FLIGHT = 6
 """Chunks the converter holds at once at most on the CPU (convert.IN_FLIGHT with 4 or more cores). On a GPU it
-holds three chunks GGUF_GPU_CHUNK_FACTOR times larger (less host RAM, as they stay 16-bit) and quantizes two
-at a time in GPU memory."""
+reads two chunks GGUF_GPU_CHUNK_FACTOR times larger at a time (less host RAM, as they stay 16-bit) and quantizes
+them in GPU memory; the encoded chunks waiting for the writer count separately (GGUF_GPU_LOOKAHEAD_BYTES)."""
 
 GGUF_GPU_CHUNK_FACTOR = 4
 """convert.GPU_CHUNK_FACTOR: how much larger the converter's chunks are on a GPU."""
