@@ -312,6 +312,48 @@ def test_requantize_of_our_bf16_equals_the_direct_export(llama3_dir: Path, tmp_p
     assert (tmp_path / "cli" / direct[1].path.name).read_bytes() == direct[1].path.read_bytes()
 
 
+def _head_by_gguf_py(path: Path, method: recipes.Method, types: list[T]) -> bytes:
+    """What requantize wrote before it read headers itself: gguf-py's reader, then its writer (the oracle)."""
+    from unsloth_nb.gguf import convert
+
+    reader = gguf.GGUFReader(path)
+    arch = str(reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
+    writer = convert.Writer(None, arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == gguf.Keys.General.ARCHITECTURE:
+            continue
+        value = int(method.file_type) if name == gguf.Keys.General.FILE_TYPE else field.contents()
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
+        writer.add_key_value(name, value, field.types[0], sub_type=sub)
+    for t, qtype in zip(reader.tensors, types, strict=True):
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        writer.add_tensor_info(t.name, shape, np.dtype(np.float32), convert._nbytes(shape, qtype), raw_dtype=qtype)
+    (head,) = convert._serialize(writer)
+    return head
+
+
+def test_requantize_header_is_what_gguf_py_writes(llama2_dir: Path, llama3_dir: Path, tmp_path: Path) -> None:
+    """requantize reads the source header itself (gguf-py's reader takes seconds on a 128k vocabulary) and copies
+    the key/values as stored: the same header bytes as gguf-py reading and re-writing them, on our BF16 files
+    and on llama.cpp's converter's. A file cut short inside its data is refused."""
+    from unsloth_nb.gguf import convert
+    from unsloth_nb.gguf import requantize as rq
+
+    sources = [convert.convert(d, ["bf16"], tmp_path / d.name, progress=False)[0].path
+               for d in (llama2_dir, llama3_dir)]
+    sources += [r.path for r in convert.convert_with_llamacpp(llama2_dir, ["bf16", "f16"], tmp_path / "reference")]
+    for path in sources:
+        source = rq._read(path)
+        for name in ("q4_k_m", "q8_0", "f16"):
+            m = recipes.METHODS[name]
+            types = [recipes.tensor_type(m, t.name, t.shape, rq._model_shape(source)) for t in source.tensors]
+            assert rq._head(source, m, types)[0] == _head_by_gguf_py(path, m, types), (path.name, name)
+    cut = tmp_path / "cut.BF16.gguf"
+    cut.write_bytes(sources[0].read_bytes()[:-4096])
+    with pytest.raises(UserError, match="not a readable GGUF"):
+        rq.requantize(cut, ["q4_k_m"], tmp_path / "out", progress=False)
+
+
 def test_requantize_refuses_a_quantized_source(llama2_dir: Path, tmp_path: Path) -> None:
     from unsloth_nb.gguf import convert
     from unsloth_nb.gguf.requantize import requantize

@@ -9,11 +9,15 @@ renamed exactly as ``convert`` does (see ``manifest``).
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import shutil
+import struct
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -21,20 +25,19 @@ import torch
 
 from unsloth_nb import manifest
 from unsloth_nb.errors import UserError
-from unsloth_nb.gguf import recipes
+from unsloth_nb.gguf import quants, recipes
 from unsloth_nb.gguf.convert import (
     CHUNK_ELEMENTS,
+    GPU_CHUNK_FACTOR,
     ConvertResult,
     GGUFLayout,
     TensorLayout,
-    Writer,
     _check_out_dir,
     _check_space,
     _encode,
     _nbytes,
     _pad,
     _reusable,
-    _serialize,
     _validate,
     _write_error,
     resolve_method,
@@ -45,71 +48,180 @@ SOURCE_TYPES = (T.F32, T.F16, T.BF16)
 """Tensor types a source file may hold: quantizing already-quantized weights again compounds the error."""
 
 
-def _read(source: Path) -> gguf.GGUFReader:
+_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                   12: "<d"}
+"""GGUF metadata value types with a fixed size, and how they are packed."""
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass(frozen=True)
+class _SourceTensor:
+    name: str
+    shape: tuple[int, ...]
+    """Torch order (GGUF stores dimensions fastest-first)."""
+    qtype: T
+    start: int
+    """Absolute file offset of its data."""
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A GGUF file's header, read without decoding the vocabulary: each key/value entry as its bytes (copied
+    into the new files as they are), the scalar and string values, and the tensor infos."""
+
+    path: Path
+    entries: dict[str, bytes]
+    """key -> the whole entry (key, type, value) as stored, in file order."""
+    values: dict[str, Any]
+    """key -> value, for the scalar and string entries."""
+    tensors: list[_SourceTensor]
+
+    @property
+    def arch(self) -> str:
+        return str(self.values.get(gguf.Keys.General.ARCHITECTURE, "llama"))
+
+
+def _parse(path: Path) -> _Source:
+    """The header of ``path``. gguf-py's GGUFReader builds every vocabulary entry as numpy objects (about
+    10 s for a 128k-token file); this walks the bytes once and keeps the arrays as bytes."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        pos = 0
+
+        def take(fmt: str) -> Any:
+            nonlocal pos
+            value = struct.unpack_from(fmt, buf, pos)[0]
+            pos += struct.calcsize(fmt)
+            return value
+
+        def text() -> str:
+            nonlocal pos
+            n = take("<Q")
+            pos += n
+            if pos > len(buf):
+                raise EOFError("the file ends inside its header")
+            return bytes(buf[pos - n:pos]).decode("utf-8")
+
+        def skip(vtype: int, count: int = 1) -> None:
+            nonlocal pos
+            if vtype in _SCALAR_FORMATS:
+                pos += struct.calcsize(_SCALAR_FORMATS[vtype]) * count
+            elif vtype == _STRING:
+                for _ in range(count):
+                    pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
+            elif vtype == _ARRAY:
+                for _ in range(count):
+                    etype, n = struct.unpack_from("<IQ", buf, pos)
+                    pos += 12
+                    skip(etype, n)
+            else:
+                raise ValueError(f"unknown metadata type {vtype}")
+
+        if bytes(buf[:4]) != b"GGUF":
+            raise ValueError("it does not start with the GGUF magic bytes")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        if version != 3:
+            raise ValueError(f"GGUF version {version}; this reads version 3")
+        pos = 24
+        entries, values = {}, {}
+        for _ in range(n_kv):
+            begin = pos
+            key, vtype = text(), take("<I")
+            if vtype == _STRING:
+                values[key] = text()
+            elif vtype in _SCALAR_FORMATS:
+                values[key] = take(_SCALAR_FORMATS[vtype])
+            else:
+                skip(vtype)
+            entries[key] = bytes(buf[begin:pos])
+        infos = []
+        for _ in range(n_tensors):
+            name, n_dims = text(), take("<I")
+            dims = struct.unpack_from(f"<{n_dims}Q", buf, pos)
+            pos += 8 * n_dims
+            infos.append((name, tuple(int(d) for d in reversed(dims)), take("<I"), take("<Q")))
+        align = int(values.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT))
+        data = gguf.GGUFWriter.ggml_pad(pos, align)
+        size = len(buf)
+    tensors = [_SourceTensor(name, shape, T(qtype), data + offset) for name, shape, qtype, offset in infos]
+    if align != gguf.GGUF_DEFAULT_ALIGNMENT:
+        raise UserError(f"{path} aligns its data to {align} bytes, not GGUF's usual {gguf.GGUF_DEFAULT_ALIGNMENT}. "
+                        "Fix: convert the HF folder instead.")
+    ends = [t.start + _nbytes(t.shape, t.qtype) for t in tensors]
+    if ends and max(ends) > size:
+        raise EOFError(f"its tensors need {max(ends)} bytes but the file has {size}")
+    return _Source(path, entries, values, tensors)
+
+
+def _read(source: Path) -> _Source:
     if not source.is_file():
         raise UserError(f"The GGUF file {source} does not exist. Fix: pass the path of an f16, bf16 or f32 "
                         ".gguf file.")
     try:
-        reader = gguf.GGUFReader(source)
-    except Exception as exc:  # gguf-py raises ValueError, struct.error, IndexError... on a damaged file
+        parsed = _parse(source)
+    except (OSError, ValueError, EOFError, struct.error, UnicodeDecodeError) as exc:  # damaged or cut short
         raise UserError(f"{source} is not a readable GGUF file ({type(exc).__name__}: {str(exc)[:120]}). It may be "
                         "truncated. Fix: download or export it again.") from None
-    if int(_value(reader, gguf.Keys.Split.LLM_KV_SPLIT_COUNT, 1)) > 1:
+    if int(parsed.values.get(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, 1)) > 1:
         raise UserError(f"{source} is one shard of a split GGUF. Fix: join the shards first (llama.cpp's "
                         "gguf-split --merge), or convert the HF folder instead.")
-    quantized = [t for t in reader.tensors if t.tensor_type not in SOURCE_TYPES]
+    quantized = [t for t in parsed.tensors if t.qtype not in SOURCE_TYPES]
     if quantized:
         t = quantized[0]
-        raise UserError(f"{source} already holds quantized tensors ({t.name} is {T(t.tensor_type).name}); "
+        raise UserError(f"{source} already holds quantized tensors ({t.name} is {t.qtype.name}); "
                         "quantizing twice loses quality. Fix: start from the f16/bf16/f32 GGUF, or convert the HF "
                         "folder directly.")
-    return reader
+    return parsed
 
 
-def _value(reader: gguf.GGUFReader, key: str, default: object = None) -> object:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
-def _model_shape(reader: gguf.GGUFReader, arch: str) -> recipes.ModelShape:
-    n_head = int(_value(reader, f"{arch}.attention.head_count", 0) or 0)
+def _model_shape(source: _Source) -> recipes.ModelShape:
+    arch, values = source.arch, source.values
+    n_head = int(values.get(f"{arch}.attention.head_count", 0) or 0)
     return recipes.ModelShape(
-        n_layer=int(_value(reader, f"{arch}.block_count", 0) or 0),
+        n_layer=int(values.get(f"{arch}.block_count", 0) or 0),
         n_head=n_head,
-        n_head_kv=int(_value(reader, f"{arch}.attention.head_count_kv", n_head) or n_head),
-        has_output=any(t.name == "output.weight" for t in reader.tensors),
+        n_head_kv=int(values.get(f"{arch}.attention.head_count_kv", n_head) or n_head),
+        has_output=any(t.name == "output.weight" for t in source.tensors),
     )
 
 
-def _shape(t: gguf.gguf_reader.ReaderTensor) -> tuple[int, ...]:
-    """Torch-order shape (GGUF stores dimensions fastest-first)."""
-    return tuple(int(d) for d in reversed(t.shape.tolist()))
+def _pack_string(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return struct.pack("<Q", len(data)) + data
 
 
-def _writer(reader: gguf.GGUFReader, arch: str, method: recipes.Method, types: list[T]) -> Writer:
-    """Key/values copied in the source's order (file type set for ``method``) and the new tensor infos."""
-    writer = Writer(None, arch)
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name == gguf.Keys.General.ARCHITECTURE:
-            continue
-        vtype = field.types[0]
-        value = int(method.file_type) if name == gguf.Keys.General.FILE_TYPE else field.contents()
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
-        writer.add_key_value(name, value, vtype, sub_type=sub)
-    for t, qtype in zip(reader.tensors, types, strict=True):
-        shape = _shape(t)
-        writer.add_tensor_info(t.name, shape, np.dtype(np.float32), _nbytes(shape, qtype), raw_dtype=qtype)
-    return writer
+def _head(source: _Source, method: recipes.Method, types: list[T]) -> tuple[bytes, list[int]]:
+    """The new file's header (as GGUFWriter would write the source's key/values, architecture first, with
+    ``general.file_type`` set for ``method``, and the new tensor infos) and each tensor's data offset."""
+    entries = dict(source.entries)
+    arch_key, type_key = gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE
+    first = entries.pop(arch_key, None) or (_pack_string(arch_key) + struct.pack("<I", _STRING)
+                                            + _pack_string(source.arch))
+    if type_key in entries:
+        vtype = struct.unpack_from("<I", entries[type_key], 8 + len(type_key.encode()))[0]
+        entries[type_key] = (_pack_string(type_key) + struct.pack("<I", vtype)
+                             + struct.pack(_SCALAR_FORMATS[vtype], int(method.file_type)))
+    parts = [struct.pack("<4sIQQ", b"GGUF", 3, len(source.tensors), len(entries) + 1), first, *entries.values()]
+    offsets, offset = [], 0
+    for t, qtype in zip(source.tensors, types, strict=True):
+        parts += [_pack_string(t.name), struct.pack(f"<I{len(t.shape)}Q", len(t.shape), *reversed(t.shape)),
+                  struct.pack("<IQ", int(qtype), offset)]
+        offsets.append(offset)
+        offset += gguf.GGUFWriter.ggml_pad(_nbytes(t.shape, qtype), gguf.GGUF_DEFAULT_ALIGNMENT)
+    return b"".join(parts), offsets
 
 
-def _rows(t: gguf.gguf_reader.ReaderTensor, rows: slice) -> torch.Tensor:
-    """float32 rows of a source tensor (exact: f16 and bf16 widen without rounding)."""
-    shape = _shape(t)
-    data = np.asarray(t.data)
-    if t.tensor_type == T.BF16:
-        data = data.view(np.int16)  # gguf-py hands BF16 over as raw bytes
-    x = torch.from_numpy(np.array(data.reshape(shape)[rows]))  # a writable copy of just these rows
-    return x.view(torch.bfloat16).float() if t.tensor_type == T.BF16 else x.float()
+_NUMPY = {T.F32: np.float32, T.F16: np.float16, T.BF16: np.int16}
+
+
+def _rows(data: np.memmap, t: _SourceTensor, rows: slice) -> torch.Tensor:
+    """Rows of a source tensor in its stored dtype (the quantizers widen 16-bit values exactly)."""
+    view = np.ndarray(t.shape, dtype=_NUMPY[t.qtype], buffer=data, offset=t.start)
+    x = torch.from_numpy(np.array(view[rows]))  # a writable copy of just these rows
+    return x.view(torch.bfloat16) if t.qtype == T.BF16 else x
 
 
 def _out_name(source: Path, method: recipes.Method) -> str:
@@ -126,27 +238,22 @@ def requantize(source: str | os.PathLike[str], methods: list[str], out_dir: str 
     src = Path(source).expanduser()
     reader = _read(src)
     resolved = list({m.name: m for m in (resolve_method(x) if isinstance(x, str) else x for x in methods)}.values())
-    arch = str(_value(reader, gguf.Keys.General.ARCHITECTURE, "llama"))
-    shape = _model_shape(reader, arch)
+    shape = _model_shape(reader)
     out = Path(out_dir).expanduser()
     _check_out_dir(out)
     started = time.perf_counter()
-    types = [[recipes.tensor_type(m, t.name, _shape(t), shape) for t in reader.tensors] for m in resolved]
+    types = [[recipes.tensor_type(m, t.name, t.shape, shape) for t in reader.tensors] for m in resolved]
     heads, layouts = [], []
     for m, mtypes in zip(resolved, types, strict=True):
-        writer = _writer(reader, arch, m, mtypes)
-        (head,) = _serialize(writer)
-        align = writer.data_alignment
-        end = gguf.GGUFWriter.ggml_pad(len(head), align)
-        tensors = []
-        for t, qtype in zip(reader.tensors, mtypes, strict=True):
-            nbytes = _nbytes(_shape(t), qtype)
-            tensors.append(TensorLayout(t.name, _shape(t), qtype, nbytes, end, 0))
-            end += gguf.GGUFWriter.ggml_pad(nbytes, align)
+        head, offsets = _head(reader, m, mtypes)
+        data = gguf.GGUFWriter.ggml_pad(len(head), gguf.GGUF_DEFAULT_ALIGNMENT)
+        tensors = tuple(TensorLayout(t.name, t.shape, qtype, _nbytes(t.shape, qtype), data + offset, 0)
+                        for t, qtype, offset in zip(reader.tensors, mtypes, offsets, strict=True))
+        end = tensors[-1].offset + gguf.GGUFWriter.ggml_pad(tensors[-1].nbytes, gguf.GGUF_DEFAULT_ALIGNMENT) \
+            if tensors else data
         name = _out_name(src, m)
         heads.append(head)
-        layouts.append(GGUFLayout(m.name, name, end, gguf.GGUFWriter.ggml_pad(len(head), align), tuple(tensors),
-                                  ((name, end),)))
+        layouts.append(GGUFLayout(m.name, name, end, data, tensors, ((name, end),)))
     finals = [out / lay.file_name for lay in layouts]
     inputs = [manifest.fingerprint([src], method=m.name, source="gguf") for m in resolved]
     done = _reusable([[f] for f in finals], inputs, out, overwrite)
@@ -175,29 +282,30 @@ def requantize(source: str | os.PathLike[str], methods: list[str], out_dir: str 
                           len(reader.tensors), (finals[i],), reused=done[i]) for i, m in enumerate(resolved)]
 
 
-def _write(reader: gguf.GGUFReader, jobs: dict[int, tuple[Path, bytes, list[T]]], device: str | None,
+def _write(reader: _Source, jobs: dict[int, tuple[Path, bytes, list[T]]], device: str | None,
            progress: bool) -> dict[int, str]:
     """Stream every source tensor once into all the files; returns each file's sha256."""
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(int(t.n_elements) for t in reader.tensors), unit="param", unit_scale=True,
+        bar = tqdm(total=sum(t.n_elements for t in reader.tensors), unit="param", unit_scale=True,
                    desc="GGUF requantize", leave=False)
+    chunk = CHUNK_ELEMENTS * (GPU_CHUNK_FACTOR if (device or quants.default_device()) != "cpu" else 1)
+    data = np.memmap(reader.path, dtype=np.uint8, mode="r")
     files = {i: manifest.HashingFile(path) for i, (path, _, _) in jobs.items()}
     try:
         for i, (_, head, _) in jobs.items():
             files[i].write(head)
         for k, t in enumerate(reader.tensors):
-            shape = _shape(t)
             for f in files.values():
                 _pad(f)
             chunks = [slice(None)]
-            if len(shape) > 1:
-                step = max(1, CHUNK_ELEMENTS // max(int(np.prod(shape[1:])), 1))
-                chunks = [slice(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
+            if len(t.shape) > 1:
+                step = max(1, chunk // max(int(np.prod(t.shape[1:])), 1))
+                chunks = [slice(r, min(r + step, t.shape[0])) for r in range(0, t.shape[0], step)]
             for rows in chunks:
-                x = _rows(t, rows)
+                x = _rows(data, t, rows)
                 for i, (_, _, types) in jobs.items():
                     files[i].write(memoryview(np.ascontiguousarray(_encode(x, types[k], device))).cast("B"))
                 if bar is not None:
@@ -207,6 +315,7 @@ def _write(reader: gguf.GGUFReader, jobs: dict[int, tuple[Path, bytes, list[T]]]
             f.close()
         return {i: f.hexdigest() for i, f in files.items()}
     finally:
+        del data
         if bar is not None:
             bar.close()
         for f in files.values():
