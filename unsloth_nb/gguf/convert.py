@@ -588,8 +588,9 @@ def _check_out_dir(out_dir: Path) -> None:
 
 
 def prepare(methods: list[str], device: str | None = None) -> threading.Thread | None:
-    """Start building the GPU kernels that ``methods`` quantize with, in a background thread, and return at once
-    (the thread, or None when there is nothing to build: the CPU, or no K-quant method among them).
+    """Start building the fused K-quant GPU kernels in a background thread, and return at once (the thread, or
+    None when there is nothing to build: the CPU, or no K-quant method among ``methods``). All of them are
+    built: a method's type mix spans several K-quant types, which depend on the model.
 
     Triton compiles the fused K-quant kernels the first time they run on a machine, which on a fresh one
     (every Colab session) takes seconds, and loads them in every new process (about a second). A notebook

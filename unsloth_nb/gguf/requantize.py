@@ -9,7 +9,6 @@ renamed exactly as ``convert`` does (see ``manifest``).
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 import shutil
@@ -25,7 +24,7 @@ import torch
 
 from unsloth_nb import manifest
 from unsloth_nb.errors import UserError
-from unsloth_nb.gguf import quants, recipes
+from unsloth_nb.gguf import header, quants, recipes
 from unsloth_nb.gguf.convert import (
     CHUNK_ELEMENTS,
     GPU_CHUNK_FACTOR,
@@ -48,37 +47,17 @@ SOURCE_TYPES = (T.F32, T.F16, T.BF16)
 """Tensor types a source file may hold: quantizing already-quantized weights again compounds the error."""
 
 
-_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-                   12: "<d"}
-"""GGUF metadata value types with a fixed size, and how they are packed."""
-_STRING, _ARRAY = 8, 9
-
-
-@dataclass(frozen=True)
-class _SourceTensor:
-    name: str
-    shape: tuple[int, ...]
-    """Torch order (GGUF stores dimensions fastest-first)."""
-    qtype: T
-    start: int
-    """Absolute file offset of its data."""
-
-    @property
-    def n_elements(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-
 @dataclass(frozen=True)
 class _Source:
-    """A GGUF file's header, read without decoding the vocabulary: each key/value entry as its bytes (copied
-    into the new files as they are), the scalar and string values, and the tensor infos."""
+    """A source GGUF's header (``gguf.header``: the key/value entries as stored, to be copied as they are, the
+    scalar and string values, the tensor infos) and where its data section starts."""
 
     path: Path
     entries: dict[str, bytes]
-    """key -> the whole entry (key, type, value) as stored, in file order."""
     values: dict[str, Any]
-    """key -> value, for the scalar and string entries."""
-    tensors: list[_SourceTensor]
+    tensors: list[header.TensorInfo]
+    data: int
+    """File offset of the data section (tensor offsets count from here)."""
 
     @property
     def arch(self) -> str:
@@ -86,74 +65,19 @@ class _Source:
 
 
 def _parse(path: Path) -> _Source:
-    """The header of ``path``. gguf-py's GGUFReader builds every vocabulary entry as numpy objects (about
-    10 s for a 128k-token file); this walks the bytes once and keeps the arrays as bytes."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        pos = 0
-
-        def take(fmt: str) -> Any:
-            nonlocal pos
-            value = struct.unpack_from(fmt, buf, pos)[0]
-            pos += struct.calcsize(fmt)
-            return value
-
-        def text() -> str:
-            nonlocal pos
-            n = take("<Q")
-            pos += n
-            if pos > len(buf):
-                raise EOFError("the file ends inside its header")
-            return bytes(buf[pos - n:pos]).decode("utf-8")
-
-        def skip(vtype: int, count: int = 1) -> None:
-            nonlocal pos
-            if vtype in _SCALAR_FORMATS:
-                pos += struct.calcsize(_SCALAR_FORMATS[vtype]) * count
-            elif vtype == _STRING:
-                for _ in range(count):
-                    pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
-            elif vtype == _ARRAY:
-                for _ in range(count):
-                    etype, n = struct.unpack_from("<IQ", buf, pos)
-                    pos += 12
-                    skip(etype, n)
-            else:
-                raise ValueError(f"unknown metadata type {vtype}")
-
-        if bytes(buf[:4]) != b"GGUF":
-            raise ValueError("it does not start with the GGUF magic bytes")
-        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-        if version != 3:
-            raise ValueError(f"GGUF version {version}; this reads version 3")
-        pos = 24
-        entries, values = {}, {}
-        for _ in range(n_kv):
-            begin = pos
-            key, vtype = text(), take("<I")
-            if vtype == _STRING:
-                values[key] = text()
-            elif vtype in _SCALAR_FORMATS:
-                values[key] = take(_SCALAR_FORMATS[vtype])
-            else:
-                skip(vtype)
-            entries[key] = bytes(buf[begin:pos])
-        infos = []
-        for _ in range(n_tensors):
-            name, n_dims = text(), take("<I")
-            dims = struct.unpack_from(f"<{n_dims}Q", buf, pos)
-            pos += 8 * n_dims
-            infos.append((name, tuple(int(d) for d in reversed(dims)), take("<I"), take("<Q")))
-        align = int(values.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT))
-        data = gguf.GGUFWriter.ggml_pad(pos, align)
-        size = len(buf)
-    tensors = [_SourceTensor(name, shape, T(qtype), data + offset) for name, shape, qtype, offset in infos]
+    """The header of ``path``, checked: GGUF version 3, the usual alignment, every tensor inside the file."""
+    head = header.read(path)
+    if head.version != 3:
+        raise ValueError(f"GGUF version {head.version}; this reads version 3")
+    align = int(head.values.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT))
     if align != gguf.GGUF_DEFAULT_ALIGNMENT:
         raise UserError(f"{path} aligns its data to {align} bytes, not GGUF's usual {gguf.GGUF_DEFAULT_ALIGNMENT}. "
                         "Fix: convert the HF folder instead.")
-    ends = [t.start + _nbytes(t.shape, t.qtype) for t in tensors]
-    if ends and max(ends) > size:
-        raise EOFError(f"its tensors need {max(ends)} bytes but the file has {size}")
-    return _Source(path, entries, values, tensors)
+    data = gguf.GGUFWriter.ggml_pad(head.end, align)
+    ends = [data + t.offset + _nbytes(t.shape, T(t.qtype)) for t in head.tensors]
+    if ends and max(ends) > head.size:
+        raise EOFError(f"its tensors need {max(ends)} bytes but the file has {head.size}")
+    return _Source(path, head.entries, head.values, head.tensors, data)
 
 
 def _read(source: Path) -> _Source:
@@ -171,7 +95,7 @@ def _read(source: Path) -> _Source:
     quantized = [t for t in parsed.tensors if t.qtype not in SOURCE_TYPES]
     if quantized:
         t = quantized[0]
-        raise UserError(f"{source} already holds quantized tensors ({t.name} is {t.qtype.name}); "
+        raise UserError(f"{source} already holds quantized tensors ({t.name} is {T(t.qtype).name}); "
                         "quantizing twice loses quality. Fix: start from the f16/bf16/f32 GGUF, or convert the HF "
                         "folder directly.")
     return parsed
@@ -195,15 +119,16 @@ def _pack_string(text: str) -> bytes:
 
 def _head(source: _Source, method: recipes.Method, types: list[T]) -> tuple[bytes, list[int]]:
     """The new file's header (as GGUFWriter would write the source's key/values, architecture first, with
-    ``general.file_type`` set for ``method``, and the new tensor infos) and each tensor's data offset."""
+    ``general.file_type`` set for ``method``, and the new tensor infos) and each tensor's data offset, plus
+    the data section's size as a last entry."""
     entries = dict(source.entries)
     arch_key, type_key = gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE
-    first = entries.pop(arch_key, None) or (_pack_string(arch_key) + struct.pack("<I", _STRING)
+    first = entries.pop(arch_key, None) or (_pack_string(arch_key) + struct.pack("<I", header.STRING)
                                             + _pack_string(source.arch))
     if type_key in entries:
         vtype = struct.unpack_from("<I", entries[type_key], 8 + len(type_key.encode()))[0]
         entries[type_key] = (_pack_string(type_key) + struct.pack("<I", vtype)
-                             + struct.pack(_SCALAR_FORMATS[vtype], int(method.file_type)))
+                             + struct.pack(header.SCALAR_FORMATS[vtype], int(method.file_type)))
     parts = [struct.pack("<4sIQQ", b"GGUF", 3, len(source.tensors), len(entries) + 1), first, *entries.values()]
     offsets, offset = [], 0
     for t, qtype in zip(source.tensors, types, strict=True):
@@ -211,15 +136,16 @@ def _head(source: _Source, method: recipes.Method, types: list[T]) -> tuple[byte
                   struct.pack("<IQ", int(qtype), offset)]
         offsets.append(offset)
         offset += gguf.GGUFWriter.ggml_pad(_nbytes(t.shape, qtype), gguf.GGUF_DEFAULT_ALIGNMENT)
-    return b"".join(parts), offsets
+    return b"".join(parts), [*offsets, offset]
 
 
 _NUMPY = {T.F32: np.float32, T.F16: np.float16, T.BF16: np.int16}
 
 
-def _rows(data: np.memmap, t: _SourceTensor, rows: slice) -> torch.Tensor:
-    """Rows of a source tensor in its stored dtype (the quantizers widen 16-bit values exactly)."""
-    view = np.ndarray(t.shape, dtype=_NUMPY[t.qtype], buffer=data, offset=t.start)
+def _rows(data: np.memmap, start: int, t: header.TensorInfo, rows: slice) -> torch.Tensor:
+    """Rows of a source tensor whose data starts at file offset ``start``, in its stored dtype (the quantizers
+    widen 16-bit values exactly)."""
+    view = np.ndarray(t.shape, dtype=_NUMPY[t.qtype], buffer=data, offset=start)
     x = torch.from_numpy(np.array(view[rows]))  # a writable copy of just these rows
     return x.view(torch.bfloat16) if t.qtype == T.BF16 else x
 
@@ -248,9 +174,8 @@ def requantize(source: str | os.PathLike[str], methods: list[str], out_dir: str 
         head, offsets = _head(reader, m, mtypes)
         data = gguf.GGUFWriter.ggml_pad(len(head), gguf.GGUF_DEFAULT_ALIGNMENT)
         tensors = tuple(TensorLayout(t.name, t.shape, qtype, _nbytes(t.shape, qtype), data + offset, 0)
-                        for t, qtype, offset in zip(reader.tensors, mtypes, offsets, strict=True))
-        end = tensors[-1].offset + gguf.GGUFWriter.ggml_pad(tensors[-1].nbytes, gguf.GGUF_DEFAULT_ALIGNMENT) \
-            if tensors else data
+                        for t, qtype, offset in zip(reader.tensors, mtypes, offsets[:-1], strict=True))
+        end = data + offsets[-1]
         name = _out_name(src, m)
         heads.append(head)
         layouts.append(GGUFLayout(m.name, name, end, data, tensors, ((name, end),)))
@@ -289,7 +214,7 @@ def _write(reader: _Source, jobs: dict[int, tuple[Path, bytes, list[T]]], device
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(t.n_elements for t in reader.tensors), unit="param", unit_scale=True,
+        bar = tqdm(total=sum(int(np.prod(t.shape)) for t in reader.tensors), unit="param", unit_scale=True,
                    desc="GGUF requantize", leave=False)
     chunk = CHUNK_ELEMENTS * (GPU_CHUNK_FACTOR if (device or quants.default_device()) != "cpu" else 1)
     data = np.memmap(reader.path, dtype=np.uint8, mode="r")
@@ -305,7 +230,7 @@ def _write(reader: _Source, jobs: dict[int, tuple[Path, bytes, list[T]]], device
                 step = max(1, chunk // max(int(np.prod(t.shape[1:])), 1))
                 chunks = [slice(r, min(r + step, t.shape[0])) for r in range(0, t.shape[0], step)]
             for rows in chunks:
-                x = _rows(data, t, rows)
+                x = _rows(data, reader.data + t.offset, t, rows)
                 for i, (_, _, types) in jobs.items():
                     files[i].write(memoryview(np.ascontiguousarray(_encode(x, types[k], device))).cast("B"))
                 if bar is not None:
