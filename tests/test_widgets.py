@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from unsloth_nb import plan, serve, widgets
+from unsloth_nb import install, plan, serve, widgets
 from unsloth_nb.errors import UserError
 from unsloth_nb.gguf import convert, recipes
 from unsloth_nb.runtime import GPU, Runtime
@@ -244,34 +244,34 @@ def test_chat_box_asks_the_running_server(server):
 
 def test_vllm_choice_follows_torch_gpu_and_driver():
     colab = Runtime("colab", 13 * GB, 12 * GB, 2, T4[:1], Path("/"))
-    choice = widgets.choose_vllm(colab, "2.8.0+cu126", "12.6", "550.54.15")
-    assert choice.requirement == "vllm" + widgets.VLLM_FOR_TORCH["2.8"]
-    assert widgets.choose_vllm(kaggle(20 * GB), "2.9.0+cu128", "12.8", "570.1").requirement == (
-        "vllm" + widgets.VLLM_FOR_TORCH["2.9"])
-    assert widgets.choose_vllm(colab, "3.1.0+cu130", "13.0", "580.2").requirement == "vllm"  # pip decides
-    assert widgets.choose_vllm(kaggle(20 * GB, P100), "2.8.0", "12.6", "550.1").requirement is None
-    assert widgets.choose_vllm(colab, "2.9.0", "13.0", "550.1").requirement is None  # driver too old
-    assert widgets.choose_vllm(colab, "2.9.0", None, "550.1").requirement is None  # CPU-only torch
+    choice = install.choose_vllm(colab, "2.8.0+cu126", "12.6", "550.54.15")
+    assert choice.requirement == "vllm" + install.VLLM_FOR_TORCH["2.8"]
+    assert install.choose_vllm(kaggle(20 * GB), "2.9.0+cu128", "12.8", "570.1").requirement == (
+        "vllm" + install.VLLM_FOR_TORCH["2.9"])
+    assert install.choose_vllm(colab, "3.1.0+cu130", "13.0", "580.2").requirement == "vllm"  # pip decides
+    assert install.choose_vllm(kaggle(20 * GB, P100), "2.8.0", "12.6", "550.1").requirement is None
+    assert install.choose_vllm(colab, "2.9.0", "13.0", "550.1").requirement is None  # driver too old
+    assert install.choose_vllm(colab, "2.9.0", None, "550.1").requirement is None  # CPU-only torch
     laptop = Runtime("local", 16 * GB, 10 * GB, 8, (), Path("/"))
-    assert "llama.cpp" in widgets.choose_vllm(laptop, "2.9.0", None, None).reason
+    assert "llama.cpp" in install.choose_vllm(laptop, "2.9.0", None, None).reason
 
 
 def test_install_commands_hold_torch_and_never_install_it(tmp_path):
-    choice = widgets.VllmChoice("vllm>=0.10.2,<0.11.1", "test")
-    commands = widgets.install_commands("requirements.txt", tmp_path / "c.txt", choice)
+    choice = install.VllmChoice("vllm>=0.10.2,<0.11.1", "test")
+    commands = install.install_commands("requirements.txt", tmp_path / "c.txt", choice)
     assert len(commands) == 2
     for command in commands:
         assert command[:4] == [sys.executable, "-m", "pip", "install"]
         assert command[command.index("--constraint") + 1] == str(tmp_path / "c.txt")
         assert not any(arg.startswith("torch") or arg in ("-U", "--upgrade", "--force-reinstall") for arg in command)
     assert commands[1][-1] == "vllm>=0.10.2,<0.11.1"
-    assert len(widgets.install_commands("r.txt", "c.txt", widgets.VllmChoice(None, "no GPU"))) == 1
+    assert len(install.install_commands("r.txt", "c.txt", install.VllmChoice(None, "no GPU"))) == 1
     requirements = (Path(__file__).resolve().parents[1] / "requirements.txt").read_text()
     assert not [line for line in requirements.splitlines() if line.split("#")[0].strip().startswith("torch")]
 
 
 def test_detect_torch_reads_the_installed_torch():
-    version, _ = widgets.detect_torch()
+    version, _ = install.detect_torch()
     assert version == torch.__version__
 
 
