@@ -167,7 +167,7 @@ def main() -> None:
         work = Path(tmp)
         if not args.export_only:  # with --export-only the first export starts cold (nothing parsed yet)
             started = time.perf_counter()
-            convert.layout(model, "q4_k_m")
+            convert.file_layout(model, "q4_k_m")
             print(f"metadata and layout alone: {time.perf_counter() - started:.1f} s", flush=True)
         stages = _timed_stages(convert)
         first = time.perf_counter()
@@ -211,7 +211,7 @@ def main() -> None:
               flush=True)
         # Quantization throughput on this model's Q4_K_M type mix, from host memory, against llama.cpp's.
         counts: dict = {}
-        for t in convert.layout(model, "q4_k_m").tensors:
+        for t in convert.file_layout(model, "q4_k_m").tensors:
             counts[t.qtype] = counts.get(t.qtype, 0) + int(np.prod(t.shape))
         total = sum(counts.values())
         mix = total / sum(n / rates.get(q, float("inf")) for q, n in counts.items()) if rates else 0.0

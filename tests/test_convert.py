@@ -20,7 +20,7 @@ import torch
 from unsloth_nb import fixtures, manifest
 from unsloth_nb.__main__ import main
 from unsloth_nb.errors import UserError
-from unsloth_nb.gguf import bpe_pre, convert, llamacpp, vocab
+from unsloth_nb.gguf import bpe_pre, convert, layout, llamacpp, vocab
 
 REFERENCE_TYPES = ("f16", "bf16", "q8_0")
 """Output types llama.cpp's converter writes itself (K-quants need llama-quantize)."""
@@ -109,7 +109,7 @@ def test_llama3_writes_rope_freqs_and_permutes_qk(llama3_dir: Path, tmp_path: Pa
 
 @pytest.mark.parametrize("method", ["f32", "bf16", "q8_0", "q4_k_m"])
 def test_layout_predicts_exact_file(llama2_dir: Path, tmp_path: Path, method: str) -> None:
-    planned = convert.layout(llama2_dir, method)
+    planned = convert.file_layout(llama2_dir, method)
     written = convert.convert(llama2_dir, [method], tmp_path, progress=False)[0]
     assert written.path.name == planned.file_name
     assert written.size == planned.size == written.path.stat().st_size
@@ -119,7 +119,7 @@ def test_layout_predicts_exact_file(llama2_dir: Path, tmp_path: Path, method: st
 
 
 def test_layout_of_tied_model_has_no_output_tensor(qwen2_dir: Path) -> None:
-    planned = convert.layout(qwen2_dir, "q8_0")
+    planned = convert.file_layout(qwen2_dir, "q8_0")
     names = [t.name for t in planned.tensors]
     assert "token_embd.weight" in names and "output.weight" not in names
     assert "blk.0.attn_q.bias" in names
@@ -260,15 +260,15 @@ def test_writer_packs_arrays_as_gguf_py_does(seed: int) -> None:
              ([int(i) for i in rng.integers(0, 6, 400)], V.INT32),
              (floats, None), (floats + [1e300], V.FLOAT64),
              ([bool(b) for b in rng.integers(0, 2, 300)], None), ([int(b) for b in rng.integers(0, 3, 300)], V.BOOL)]
-    ours, theirs = convert.Writer(None, "llama"), gguf.GGUFWriter(None, "llama")
+    theirs = gguf.GGUFWriter(None, "llama")
     for values, sub in cases:
-        assert ours._pack_val(values, V.ARRAY, True, sub) == theirs._pack_val(values, V.ARRAY, True, sub)
+        assert layout.pack_value(values, V.ARRAY, sub) == theirs._pack_val(values, V.ARRAY, True, sub)
     for values, sub in [([2**40] * 300, V.INT32), ([-1] * 300, V.UINT8), ([1.0] * 300, V.INT32),
                         (floats + [3.5e38], None), ([1.5] * 200 + [2] * 100, None)]:
         with pytest.raises(Exception) as expected:
             theirs._pack_val(values, V.ARRAY, True, sub)
         with pytest.raises(expected.type):
-            ours._pack_val(values, V.ARRAY, True, sub)
+            layout.pack_value(values, V.ARRAY, sub)
 
 
 def test_validation_reads_back_header_size_and_tensor_infos(llama2_dir: Path, tmp_path: Path) -> None:
@@ -279,20 +279,32 @@ def test_validation_reads_back_header_size_and_tensor_infos(llama2_dir: Path, tm
     path = convert.convert(llama2_dir, ["q8_0"], tmp_path, progress=False)[0].path
     model = convert._Model(llama2_dir, None, "cpu")
     plan = convert._prepare(model, [convert.resolve_method("q8_0")])[0]
-    (head,) = convert._serialize(plan.writer)
-    layout = convert.layout(llama2_dir, "q8_0")
-    convert._validate(path, layout, 0, head)
+    (head,) = layout.serialize(plan.writer)
+    planned = convert.file_layout(llama2_dir, "q8_0")
+    layout.validate(path, planned, 0, head)
     bad = bytearray(head)
     bad[len(head) // 2] ^= 1
     with pytest.raises(RuntimeError, match="header is not the one serialized"):
-        convert._validate(path, layout, 0, bytes(bad))
-    moved = (dataclasses.replace(layout.tensors[0], offset=layout.tensors[0].offset + 32),) + layout.tensors[1:]
-    with pytest.raises(RuntimeError, match=f"tensor {layout.tensors[0].name}"):
-        convert._validate(path, dataclasses.replace(layout, tensors=moved), 0, head)
+        layout.validate(path, planned, 0, bytes(bad))
+    moved = (dataclasses.replace(planned.tensors[0], offset=planned.tensors[0].offset + 32),) + planned.tensors[1:]
+    with pytest.raises(RuntimeError, match=f"tensor {planned.tensors[0].name}"):
+        layout.validate(path, dataclasses.replace(planned, tensors=moved), 0, head)
     with open(path, "ab") as f:
         f.write(b"\0")
     with pytest.raises(RuntimeError, match="size"):
-        convert._validate(path, layout, 0, head)
+        layout.validate(path, planned, 0, head)
+
+
+@pytest.mark.parametrize("kind", fixtures.KINDS)
+def test_header_serialisation_is_gguf_pys(kind: str) -> None:
+    """Our serialisation of a writer's key/values and tensor infos is byte for byte what gguf-py's own writer
+    writes for it (its public file API as the oracle), for every fixture's full metadata."""
+    from gguf_oracle import gguf_py_head
+
+    model = convert._Model(fixtures.build_model(kind), None, "cpu")
+    plan = convert._prepare(model, [convert.resolve_method("q4_k_m")])[0]
+    (head,) = layout.serialize(plan.writer)
+    assert head == gguf_py_head(plan.writer)
 
 
 def test_chunks_run_ahead_within_their_byte_budget(llama3_dir: Path) -> None:
@@ -314,11 +326,11 @@ def test_chunks_run_ahead_within_their_byte_budget(llama3_dir: Path) -> None:
     plain, queued_plain, _ = drain(0)
     budget = 64 << 20
     ahead, queued_ahead, held = drain(budget)
-    assert queued_plain == convert.IN_FLIGHT
+    assert queued_plain == layout.IN_FLIGHT
     assert queued_ahead > queued_plain and held <= budget
     assert ahead == plain
     total = sum(len(b) for _, _, parts in plain for b in parts)
-    assert total == sum(convert._nbytes(t.shape, p.types[i]) for p in plans for i, t in enumerate(model.tensors))
+    assert total == sum(layout.nbytes(t.shape, p.types[i]) for p in plans for i, t in enumerate(model.tensors))
 
 
 def _copy_model(src: Path, dest: Path) -> Path:
@@ -490,7 +502,7 @@ def test_more_architectures_match_llamacpp(kind: str, tmp_path: Path) -> None:
 def test_split_output_matches_llamacpp_shards(llama2_dir: Path, tmp_path: Path) -> None:
     """--split-max-size: same shard names, split keys and bytes as the reference converter's own split."""
     split = 8_000_000
-    planned = convert.layout(llama2_dir, "q8_0", split_max_size=split)
+    planned = convert.file_layout(llama2_dir, "q8_0", split_max_size=split)
     result = convert.convert(llama2_dir, ["q8_0"], tmp_path / "native", split_max_size=split, progress=False)[0]
     assert len(result.shards) == len(planned.shards) > 1
     assert [(p.name, p.stat().st_size) for p in result.shards] == list(planned.shards)
@@ -542,14 +554,14 @@ def test_refused_before_writing_when_the_disk_is_too_small(llama2_dir: Path, tmp
 
 def test_refused_before_writing_when_ram_cannot_hold_the_pass(llama2_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """The planner's RAM check runs before any byte is written (a Colab with 300 MB available, faked)."""
-    from unsloth_nb import plan
+    from unsloth_nb import runtime
     from unsloth_nb.runtime import Runtime
 
-    monkeypatch.setattr(plan, "detect", lambda: Runtime("colab", 2**30, 300 * 2**20, 2))
+    monkeypatch.setattr(runtime, "detect", lambda: Runtime("colab", 2**30, 300 * 2**20, 2))
     with pytest.raises(UserError, match="RAM at its peak") as info:
         convert.convert(llama2_dir, ["q8_0"], tmp_path / "out", progress=False)
     assert "Fix:" in str(info.value)
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # nothing written, not even the folder the call would have made
 
 
 NEW_ARCHITECTURES = ("gemma2", "gemma3", "phi3")
@@ -677,3 +689,62 @@ def test_gemma3_multimodal_checkpoint_gives_its_text_model(tmp_path: Path) -> No
         llm = llama_cpp.Llama(model_path=str(r.path), n_ctx=64, n_threads=2, verbose=False)
         assert llm.create_completion("Hello", max_tokens=4, temperature=0.0)["usage"]["completion_tokens"] >= 1
         del llm
+
+
+def _special(token: str, token_id: int) -> dict:
+    return {token: {"id": token, "ids": [token_id], "tokens": [token]}}
+
+
+POST_PROCESSORS = {
+    "byte-level only": ({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True},
+                        {"add_bos_token": True}),
+    "template names the BOS": ({"type": "TemplateProcessing",
+                                "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                           {"Sequence": {"id": "A", "type_id": 0}}],
+                                "pair": [], "special_tokens": _special("<s>", 1)}, {}),
+    "template names the CLS": ({"type": "TemplateProcessing",
+                                "single": [{"SpecialToken": {"id": "</s>", "type_id": 0}},
+                                           {"Sequence": {"id": "A", "type_id": 0}}],
+                                "pair": [], "special_tokens": _special("</s>", 2)},
+                               {"bos_token": "<s>"}),
+    "sequence with a trailing EOS": ({"type": "Sequence", "processors": [
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True},
+        {"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}},
+                                                  {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+         "pair": [], "special_tokens": _special("</s>", 2)}]}, {"add_eos_token": False}),
+}
+
+
+@pytest.mark.parametrize("case", list(POST_PROCESSORS))
+def test_tokenizer_keys_from_the_post_processor_match_llamacpp(case: str, llama2_dir: Path, tmp_path: Path) -> None:
+    """A tokenizer whose add_bos/add_eos and special tokens come only from tokenizer.json's post-processor (no
+    add_*_token in tokenizer_config.json, or one the post-processor overrides): the same tokenizer keys as
+    llama.cpp's converter writes. On the SentencePiece fixture: a BPE tokenizer's pre-tokenizer hash changes with
+    the special tokens a template adds, and the reference then refuses the tokenizer."""
+    post, config_keys = POST_PROCESSORS[case]
+    model = _copy_model(llama2_dir, tmp_path / "m")
+    tokenizer = json.loads((model / "tokenizer.json").read_text(encoding="utf-8"))
+    tokenizer["post_processor"] = post
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
+    config = json.loads((model / "tokenizer_config.json").read_text(encoding="utf-8"))
+    for key in ("add_bos_token", "add_eos_token", "bos_token", "cls_token"):
+        config.pop(key, None)
+    config.update(config_keys)
+    (model / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    ours = convert.convert(model, ["bf16"], tmp_path / "ours", progress=False)[0].path
+    theirs = run_reference(model, "bf16", tmp_path / "reference.gguf")
+    ka, kb = metadata(gguf.GGUFReader(ours)), metadata(gguf.GGUFReader(theirs))
+    keys = sorted(k for k in set(ka) | set(kb) if k.startswith("tokenizer.") and "tokens" not in k
+                  and "merges" not in k and "token_type" not in k)
+    assert {k: ka.get(k) for k in keys} == {k: kb.get(k) for k in keys}
+    assert any(k.startswith("tokenizer.ggml.add_") for k in keys)
+
+
+def test_llama_with_a_49152_token_vocabulary_never_adds_bos(tmp_path: Path) -> None:
+    """llama.cpp's converter writes add_bos_token = false for Llama models with exactly 49152 tokens (SmolLM,
+    Granite), whatever the tokenizer says: the real SmolLM2 file is byte-identical to the reference's."""
+    model = fixtures.build_real_model("smollm2")
+    ours = convert.convert(model, ["bf16"], tmp_path / "ours", progress=False)[0].path
+    theirs = run_reference(model, "bf16", tmp_path / "reference.gguf")
+    assert metadata(gguf.GGUFReader(ours))["tokenizer.ggml.add_bos_token"][1] is False
+    assert ours.read_bytes() == theirs.read_bytes()

@@ -14,7 +14,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unsloth_nb.errors import UserError
-from unsloth_nb.merge import MergeSettings, merge, parse_size
+from unsloth_nb.merge import MergeSettings, merge
+from unsloth_nb.runtime import parse_size
 
 
 def peft_merged(base: Path, adapter: Path, out: Path | None = None):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from unsloth_nb import checkpoint
 from unsloth_nb import plan as planner
 from unsloth_nb.errors import UserError
 from unsloth_nb.gguf import recipes
@@ -64,7 +65,7 @@ def write_safetensors_header(path: Path, tensors: dict[str, tuple[int, ...]], dt
     """A safetensors file with the full header and no data section."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape in tensors.items():
-        n = planner.DTYPE_BYTES[dtype]
+        n = checkpoint.DTYPES[dtype][0]
         for d in shape:
             n *= d
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
@@ -171,7 +172,8 @@ def test_header_reader_agrees_with_safetensors(tmp_path):
 
     arrays = {"a": np.zeros((3, 5), np.float16), "b": np.ones((7,), np.float32), "c": np.zeros((2, 2, 2), np.int8)}
     save_file(arrays, str(tmp_path / "x.safetensors"), metadata={"format": "pt"})
-    tensors, data_end = planner.read_safetensors_header(tmp_path / "x.safetensors")
+    header = checkpoint.read_header(tmp_path / "x.safetensors")
+    tensors, data_end = header.tensors.values(), header.data_end
     assert data_end == (tmp_path / "x.safetensors").stat().st_size
     with safe_open(str(tmp_path / "x.safetensors"), "np") as f:
         for t in tensors:
@@ -216,10 +218,10 @@ def test_hub_metadata_folder_plans_like_the_model(models, tmp_path, name):
     weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else None
     files = {}
     for path in sorted(folder.glob("*.safetensors")):
-        header, _ = planner.read_header(path)
-        meta = header.pop("__metadata__", {})
-        files[path.name] = SafetensorsFileMetadata(meta, {
-            n: TensorInfo(h["dtype"], h["shape"], tuple(h["data_offsets"])) for n, h in header.items()})
+        header = checkpoint.read_header(path)
+        files[path.name] = SafetensorsFileMetadata(header.metadata, {
+            n: TensorInfo(t.dtype, list(t.shape), (t.start - header.data_start, t.start - header.data_start + t.nbytes))
+            for n, t in header.tensors.items()})
     repo = SafetensorsRepoMetadata(None, weight_map is not None,
                                    weight_map or {n: f for f, m in files.items() for n in m.tensors}, files)
     config = json.loads((folder / "config.json").read_text())
@@ -379,14 +381,13 @@ def test_merge_ram_is_about_one_tensor(models):
 def test_gpu_pass_counts_the_chunks_quantized_ahead(models):
     """On a GPU the converter lets encoded chunks wait for the writer (convert.GPU_LOOKAHEAD_BYTES): the plan's
     RAM for the pass includes them; with device="cpu" it does not."""
-    from unsloth_nb.gguf import convert
+    from unsloth_nb.gguf import layout
 
-    assert planner.GGUF_GPU_LOOKAHEAD_BYTES == convert.GPU_LOOKAHEAD_BYTES
     for name in ("llama-1b", "llama-8b"):
         gpu = planner.make_plan(models[name], "q4_k_m", runtime=colab())
         cpu = planner.make_plan(models[name], "q4_k_m", runtime=colab(), device="cpu")
-        assert gpu.steps[-1].ram - cpu.steps[-1].ram == convert.GPU_LOOKAHEAD_BYTES, name
-        assert gpu.steps[-1].disk > convert.GPU_LOOKAHEAD_BYTES
+        assert gpu.steps[-1].ram - cpu.steps[-1].ram == layout.GPU_LOOKAHEAD_BYTES, name
+        assert gpu.steps[-1].disk > layout.GPU_LOOKAHEAD_BYTES
 
 
 def test_unknown_method_is_a_user_error(models):
@@ -441,7 +442,7 @@ def test_gguf_size_is_the_converters_exact_size(kind, request):
 
     folder = request.getfixturevalue(f"{kind}_dir")
     method = FIXTURE_METHOD[kind]
-    layout = convert.layout(folder, method)
+    layout = convert.file_layout(folder, method)
     size = planner.size_model(folder)
     assert size.has_weights
     # The planner's per-tensor type mix gives the converter's data section to the byte...
@@ -451,10 +452,10 @@ def test_gguf_size_is_the_converters_exact_size(kind, request):
     (step,) = p.steps
     assert step.exact and step.disk == layout.size
     assert step.where.name == layout.file_name
-    # The RAM estimate assumes the converter's chunking.
-    assert planner.GGUF_CHUNK_ELEMENTS == convert.CHUNK_ELEMENTS
-    assert planner.GGUF_GPU_CHUNK_FACTOR == convert.GPU_CHUNK_FACTOR
-    assert convert.IN_FLIGHT <= planner.GGUF_IN_FLIGHT
+    # The RAM estimate assumes the converter's chunking (one home: gguf.layout).
+    from unsloth_nb.gguf import layout as gguf_layout
+
+    assert gguf_layout.IN_FLIGHT <= gguf_layout.MAX_IN_FLIGHT
 
 
 def test_real_small_disk_refused_before_writing_and_fitting_plan_succeeds(llama2_dir, tmpfs):

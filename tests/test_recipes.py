@@ -314,11 +314,13 @@ def test_requantize_of_our_bf16_equals_the_direct_export(llama3_dir: Path, tmp_p
 
 def _head_by_gguf_py(path: Path, method: recipes.Method, types: list[T]) -> bytes:
     """What requantize wrote before it read headers itself: gguf-py's reader, then its writer (the oracle)."""
-    from unsloth_nb.gguf import convert
+    from gguf_oracle import gguf_py_head
+
+    from unsloth_nb.gguf import layout
 
     reader = gguf.GGUFReader(path)
     arch = str(reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
-    writer = convert.Writer(None, arch)
+    writer = gguf.GGUFWriter(None, arch)
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name == gguf.Keys.General.ARCHITECTURE:
             continue
@@ -327,9 +329,8 @@ def _head_by_gguf_py(path: Path, method: recipes.Method, types: list[T]) -> byte
         writer.add_key_value(name, value, field.types[0], sub_type=sub)
     for t, qtype in zip(reader.tensors, types, strict=True):
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        writer.add_tensor_info(t.name, shape, np.dtype(np.float32), convert._nbytes(shape, qtype), raw_dtype=qtype)
-    (head,) = convert._serialize(writer)
-    return head
+        writer.add_tensor_info(t.name, shape, np.dtype(np.float32), layout.nbytes(shape, qtype), raw_dtype=qtype)
+    return gguf_py_head(writer)
 
 
 def test_requantize_header_is_what_gguf_py_writes(llama2_dir: Path, llama3_dir: Path, tmp_path: Path) -> None:

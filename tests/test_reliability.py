@@ -24,10 +24,11 @@ import pytest
 from lora_helpers import make_adapter, other_base
 
 from unsloth_nb.__main__ import main
+from unsloth_nb.dataset import DEMO_DATA
 from unsloth_nb.errors import UserError
 from unsloth_nb.gguf import convert
-from unsloth_nb.merge import MergeSettings, merge, parse_size
-from unsloth_nb.train import DEMO_DATA
+from unsloth_nb.merge import MergeSettings, merge
+from unsloth_nb.runtime import parse_size
 
 KILL_SEEDS = [0, 1, 2, 3]
 
@@ -56,7 +57,7 @@ def adapter(llama2_dir, tmp_path_factory) -> Path:
 
 
 def test_disk_full_during_gguf_export(llama2_dir, tmpfs, ledger):
-    (q8,) = convert.layout(llama2_dir, "q8_0").shards
+    (q8,) = convert.file_layout(llama2_dir, "q8_0").shards
     disk = tmpfs(-(-(q8[1] + 4 * 2**20) // 2**20) * 2**20)  # room for the Q8_0 file only
     (disk / "notes.txt").write_text("the user's own file")
     convert.convert(llama2_dir, ["q8_0"], disk, progress=False)

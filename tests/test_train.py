@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, TrainerCallback
 
-from unsloth_nb import fixtures
+from unsloth_nb import dataset, fixtures
 from unsloth_nb import plan as planner
 from unsloth_nb import train as T
 from unsloth_nb.__main__ import main
@@ -29,20 +29,21 @@ def test_each_shape_becomes_messages():
                                   {"from": "gpt", "value": "Hello, friend."}]}
     alpaca = {"instruction": "Translate to French.", "input": "cat", "output": "chat"}
     alpaca_no_input = {"instruction": "Hi there?", "input": "", "output": "Hello, friend."}
-    assert T.normalize({"messages": QA}, 1) == QA
-    assert T.normalize(sharegpt, 1) == [{"role": "system", "content": "Be brief."}, *QA]
-    assert T.normalize(alpaca, 1) == [{"role": "user", "content": "Translate to French.\n\ncat"},
+    assert dataset.normalize({"messages": QA}, 1) == QA
+    assert dataset.normalize(sharegpt, 1) == [{"role": "system", "content": "Be brief."}, *QA]
+    assert dataset.normalize(alpaca, 1) == [{"role": "user", "content": "Translate to French.\n\ncat"},
                                       {"role": "assistant", "content": "chat"}]
-    assert T.normalize(alpaca_no_input, 1) == QA
-    assert T.normalize({"text": "Once upon a time."}, 1) == "Once upon a time."
+    assert dataset.normalize(alpaca_no_input, 1) == QA
+    assert dataset.normalize({"text": "Once upon a time."}, 1) == "Once upon a time."
 
 
 def test_datasets_dataset_and_jsonl_give_the_same_rows(tmp_path):
     from datasets import Dataset
 
-    rows = T.demo_dataset()
+    rows = dataset.demo_dataset()
     assert len(rows) >= 24
-    assert T.load_rows(Dataset.from_list(rows)) == T.load_rows(write_jsonl(tmp_path / "d.jsonl", rows)) == rows
+    assert (dataset.load_rows(Dataset.from_list(rows)) == dataset.load_rows(write_jsonl(tmp_path / "d.jsonl", rows))
+            == rows)
 
 
 @pytest.mark.parametrize("row, field", [
@@ -62,13 +63,13 @@ def test_bad_json_line_and_empty_dataset(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": QA}) + "\n{not json\n")
     with pytest.raises(UserError, match="Line 2"):
-        T.load_rows(bad)
+        dataset.load_rows(bad)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(UserError, match="no rows"):
-        T.load_rows(empty)
+        dataset.load_rows(empty)
     with pytest.raises(UserError, match="no rows"):
-        T.load_rows([])
+        dataset.load_rows([])
 
 
 @pytest.mark.parametrize("kind", ["llama3", "llama2", "qwen2"])
@@ -77,9 +78,9 @@ def test_loss_mask_covers_assistant_replies_only(kind):
     conversation = [{"role": "system", "content": "You answer in one sentence."},
                     {"role": "user", "content": "Where is Quillmere?"},
                     {"role": "assistant", "content": "Quillmere is in Zorblax."},
-                    {"role": "user", "content": T.DEMO_QUESTION},
-                    {"role": "assistant", "content": T.DEMO_ANSWER}]
-    for rows in (T.demo_dataset()[:3], [{"messages": conversation}]):
+                    {"role": "user", "content": dataset.DEMO_QUESTION},
+                    {"role": "assistant", "content": dataset.DEMO_ANSWER}]
+    for rows in (dataset.demo_dataset()[:3], [{"messages": conversation}]):
         for example, row in zip(T.prepare(tokenizer, rows, 512), rows, strict=True):
             replies = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
             shown = T.show_labels(tokenizer, example)
@@ -114,7 +115,7 @@ def test_four_bit_on_cpu_is_a_user_error(llama3_dir):
 
 def test_demo_training_learns_the_taught_answer(llama3_dir, tmp_path):
     out = tmp_path / "adapter"
-    result = T.train(llama3_dir, T.DEMO_DATA, out, lora=T.DEMO_LORA, settings=T.DEMO_SETTINGS, progress=False)
+    result = T.train(llama3_dir, dataset.DEMO_DATA, out, lora=T.DEMO_LORA, settings=T.DEMO_SETTINGS, progress=False)
     assert result.adapter_dir == out.resolve()
     assert result.steps == T.DEMO_SETTINGS.max_steps == len(result.loss_history)
     assert result.loss_history[-1] < result.loss_history[0] - 2
@@ -125,12 +126,12 @@ def test_demo_training_learns_the_taught_answer(llama3_dir, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
     model, tokenizer = T.load_adapter(llama3_dir, out)
-    assert T.generate(model, tokenizer, T.DEMO_QUESTION) == T.DEMO_ANSWER
+    assert T.generate(model, tokenizer, dataset.DEMO_QUESTION) == dataset.DEMO_ANSWER
 
-    again = T.train(llama3_dir, T.DEMO_DATA, out, lora=T.DEMO_LORA, settings=T.DEMO_SETTINGS, progress=False)
+    again = T.train(llama3_dir, dataset.DEMO_DATA, out, lora=T.DEMO_LORA, settings=T.DEMO_SETTINGS, progress=False)
     assert again.loss_history == result.loss_history  # the finished adapter is reused, not retrained
     with pytest.raises(UserError, match="already exists"):
-        T.train(llama3_dir, T.DEMO_DATA, out, lora=T.DEMO_LORA, settings=replace(T.DEMO_SETTINGS, seed=1),
+        T.train(llama3_dir, dataset.DEMO_DATA, out, lora=T.DEMO_LORA, settings=replace(T.DEMO_SETTINGS, seed=1),
                 progress=False)
 
 
@@ -146,7 +147,7 @@ class Disconnect(TrainerCallback):
 
 
 def test_resume_after_disconnect_matches_uninterrupted_run(qwen2_dir, tmp_path):
-    data = T.demo_dataset()[:8]
+    data = dataset.demo_dataset()[:8]
     settings = replace(T.DEMO_SETTINGS, max_steps=4, batch_size=2, save_steps=2, max_seq_len=64)
     lora = replace(T.DEMO_LORA, r=4)
     straight = T.train(qwen2_dir, data, tmp_path / "straight", lora=lora, settings=settings, progress=False)
@@ -192,6 +193,6 @@ def test_training_refused_before_writing_when_checkpoints_cannot_fit(llama3_dir,
     """A real 8 MB filesystem cannot hold three checkpoints with the 17 MB Llama-3 tokenizer: refused up front."""
     disk = tmpfs(8 * 2**20)
     with pytest.raises(UserError, match="short"):
-        T.train(llama3_dir, T.DEMO_DATA, disk / "adapter", lora=T.DEMO_LORA, settings=T.DEMO_SETTINGS,
+        T.train(llama3_dir, dataset.DEMO_DATA, disk / "adapter", lora=T.DEMO_LORA, settings=T.DEMO_SETTINGS,
                 progress=False)
     assert list(disk.iterdir()) == []

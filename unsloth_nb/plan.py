@@ -1,10 +1,12 @@
 """Plan before doing: what each step needs (RAM, VRAM, disk), where its outputs go, and whether it fits.
 
-A model is sized from its safetensors headers alone (no weight is read). GGUF sizes come from the converter's
-own layout when the folder can be converted (exact), else from the per-tensor type mix of each method
-(recipes.tensor_type) plus an estimate of the metadata. Placement follows the platform: on Kaggle outputs go
-to /kaggle/working while they fit its 20 GB, else to /tmp with a warning; on Colab no step may plan more than
-75% of the available RAM. Steps call ``make_plan(...).require()`` before writing anything.
+A model is sized from its safetensors headers alone (no weight is read; ``checkpoint`` reads them). GGUF sizes
+come from the converter's own layout when the folder can be converted (exact), else from the converter's tensor
+list and per-tensor type mix (``convert.tensor_sources``, ``recipes.tensor_type``) plus an estimate of the
+metadata: an architecture is added to the converter once and the planner knows it. Placement follows the
+platform: on Kaggle outputs go to /kaggle/working while they fit its 20 GB, else to /tmp with a warning; on Colab
+no step may plan more than 75% of the available RAM (``runtime.RAM_SHARE``). Steps call
+``make_plan(...).require()`` before writing anything.
 """
 
 from __future__ import annotations
@@ -20,55 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unsloth_nb import checkpoint, runtime
+from unsloth_nb.checkpoint import DTYPES, TensorInfo
 from unsloth_nb.errors import UserError
+from unsloth_nb.gguf import layout, recipes
 from unsloth_nb.runtime import Runtime, detect, gb
-
-DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}
-"""Bytes per element of each safetensors dtype."""
-
-RAM_SHARE = {"colab": 0.75, "kaggle": 0.9, "local": 0.9}
-"""Largest share of the available RAM a plan may use: Colab kills the kernel without a word when full."""
-
-BASE_RAM = 480 * 10**6
-"""Resident memory of a step's Python process before the first tensor (interpreter, torch, transformers:
-465 MB measured on CPU)."""
-
-TOKENIZER_RAM_FACTOR = 28
-"""The GGUF converter holds about this many bytes per byte of tokenizer.json while it builds the vocabulary
-metadata (fitted with GGUF_WORK_BYTES on the fixture models' peak RSS: Llama-3 BPE and SentencePiece)."""
 
 TOKENIZER_BYTES_PER_TOKEN = 130
 """tokenizer.json bytes per vocabulary entry, for folders without one (real files: 75-135)."""
 
-GGUF_CHUNK_ELEMENTS = 1 << 22
-"""The converter reads a tensor in row chunks of at most this many elements (convert.CHUNK_ELEMENTS);
-Llama's q/k projections in chunks of whole heads, because their rows are permuted within a head."""
-
-GGUF_IN_FLIGHT = 6
-"""Chunks the converter holds at once at most on the CPU (convert.IN_FLIGHT with 4 or more cores). On a GPU it
-reads two chunks GGUF_GPU_CHUNK_FACTOR times larger at a time (less host RAM, as they stay 16-bit) and quantizes
-them in GPU memory; the encoded chunks waiting for the writer count separately (GGUF_GPU_LOOKAHEAD_BYTES)."""
-
-GGUF_GPU_CHUNK_FACTOR = 4
-"""convert.GPU_CHUNK_FACTOR: how much larger the converter's chunks are on a GPU."""
-
-GGUF_GPU_LOOKAHEAD_BYTES = 512 << 20
-"""convert.GPU_LOOKAHEAD_BYTES: encoded bytes a GPU pass may hold for the writer (at most the outputs' size)."""
-
-GGUF_WORK_BYTES = 10
-"""Working bytes per element of a chunk while converting: its float32 copy plus the quantizer's buffers."""
-
 METADATA_BYTES_PER_TOKEN = 50
 """GGUF key/value bytes per vocabulary entry (token text, type, score or merges) for header-only models."""
-
-MERGE_WORK_BYTES = 12
-"""Working bytes per element while merging one LoRA target: float32 weight, float32 B @ A, 16-bit result."""
-
-GGUF_ALIGNMENT = 32
-"""GGUF aligns the data section and each tensor's data to 32 bytes."""
 
 CHECKPOINT_BYTES_PER_LORA_PARAM = 12
 """A training checkpoint holds the LoRA weights (float32) and AdamW's two float32 moments per weight."""
@@ -79,41 +43,8 @@ CHECKPOINT_EXTRA_BYTES = 2 * 10**6
 CHECKPOINTS_AT_ONCE = 3
 """The trainer keeps 2 checkpoints and writes the next before deleting the oldest: 3 exist at the peak."""
 
-TOKENIZER_FILE_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*",
-                           "vocab.json", "merges.txt")
-"""Files a checkpoint and an adapter folder carry along with the weights (the tokenizer and its template)."""
-
 DEFAULT_OUT = "unsloth_nb_out"
 """Folder name for outputs when the user did not choose one."""
-
-_ARCH_ALIASES = {"mistral": "llama"}
-_SKIPPED = ("rotary_emb.inv_freq",)
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor as described by a safetensors header."""
-
-    name: str
-    """Name in the checkpoint, e.g. "model.layers.0.self_attn.q_proj.weight"."""
-    dtype: str
-    """safetensors dtype, e.g. "BF16"."""
-    shape: tuple[int, ...]
-    """Shape in torch order."""
-
-    @property
-    def numel(self) -> int:
-        """Number of elements."""
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of its data in the checkpoint."""
-        return self.numel * DTYPE_BYTES[self.dtype]
-
 
 @dataclass(frozen=True)
 class ModelSize:
@@ -137,9 +68,7 @@ class ModelSize:
     @property
     def name(self) -> str:
         """Name for output files: the folder name, or the repo name for a Hugging Face cache snapshot."""
-        if self.path.parent.name == "snapshots" and self.path.parent.parent.name.startswith("models--"):
-            return self.path.parent.parent.name.split("--")[-1]
-        return self.path.name or "model"
+        return checkpoint.model_name(self.path)
 
     @property
     def n_params(self) -> int:
@@ -167,7 +96,7 @@ class ModelSize:
     @property
     def bytes_by_dtype(self) -> dict[str, int]:
         """Checkpoint bytes per safetensors dtype."""
-        return {dtype: n * DTYPE_BYTES[dtype] for dtype, n in self.params_by_dtype.items()}
+        return {dtype: n * DTYPES[dtype][0] for dtype, n in self.params_by_dtype.items()}
 
     @property
     def largest(self) -> TensorInfo:
@@ -243,7 +172,7 @@ class Plan:
     @property
     def ram_budget(self) -> int:
         """The most RAM any step may plan for on this runtime."""
-        return int(self.runtime.available_ram * RAM_SHARE.get(self.runtime.platform, 0.9))
+        return runtime.ram_budget(self.runtime)
 
     def reason(self) -> str:
         """One paragraph: what does not fit, by how much, and what to do. Empty when it fits."""
@@ -277,7 +206,7 @@ class Plan:
         if self.adapter is not None:
             how = "fused into the GGUF, no merged copy" if self.fused else "merged first"
             lines.append(f"adapter {self.adapter} ({how})")
-        share = int(RAM_SHARE.get(rt.platform, 0.9) * 100)
+        share = int(runtime.RAM_SHARE.get(rt.platform, 0.9) * 100)
         lines.append(f"{rt.platform}: {gb(rt.available_ram)} RAM available (plans use at most {share}%: "
                      f"{gb(self.ram_budget)}), {len(rt.gpus)} GPU(s), {gb(rt.free_disk(self.out_dir))} free "
                      f"in {self.out_dir}")
@@ -309,93 +238,6 @@ class Plan:
 # ---------------------------------------------------------------------------------------------- sizing
 
 
-def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], int]:
-    """The JSON header of a .safetensors file (``__metadata__`` removed) and where its data section starts.
-
-    The one place unsloth_nb parses safetensors headers: planning, merging, converting and serving use it.
-    Reads only the 8-byte little-endian header length and the JSON after it, so header-only files work."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise UserError(f"{path} is not a safetensors file (shorter than 8 bytes). Fix: re-download it.")
-            (length,) = struct.unpack("<Q", raw)
-            if length > 100 * 2**20:
-                raise UserError(f"{path} is not a safetensors file (header length {length}). Fix: re-download it.")
-            header = json.loads(f.read(length))
-    except OSError as exc:
-        raise UserError(f"Cannot read {path} ({exc.strerror or exc}). Fix: check the path and permissions.") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} has a damaged safetensors header ({exc}). Fix: re-download it.") from exc
-    if not isinstance(header, dict):
-        raise UserError(f"{path} has a damaged safetensors header (not a JSON object). Fix: re-download it.")
-    header.pop("__metadata__", None)
-    return header, 8 + length
-
-
-def read_safetensors_header(path: str | os.PathLike) -> tuple[list[TensorInfo], int]:
-    """The tensors a .safetensors file declares and the byte size its data section must have."""
-    header, start = read_header(path)
-    tensors, end = [], 0
-    for name, info in header.items():
-        if info["dtype"] not in DTYPE_BYTES:
-            raise UserError(f"{path}: tensor {name} has dtype {info['dtype']}, which unsloth_nb cannot "
-                            f"plan for.")
-        tensors.append(TensorInfo(name, info["dtype"], tuple(int(d) for d in info["shape"])))
-        end = max(end, int(info["data_offsets"][1]))
-    return tensors, start + end
-
-
-def hf_cache_dir() -> Path:
-    """The Hugging Face hub cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]) / "hub"
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "huggingface" / "hub"
-
-
-def resolve_model(model: str | os.PathLike) -> Path:
-    """A model folder, or for a Hub id ("org/name") its snapshot in the local Hugging Face cache."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    text = str(model)
-    if path.is_file() and path.suffix == ".gguf":
-        raise UserError(f"{path} is a GGUF file, but this step reads a Hugging Face model folder (config.json and "
-                        "*.safetensors). Fix: pass the folder the GGUF was made from (the merged model); GGUF "
-                        "files are for `serve` and `verify`.")
-    if path.exists():
-        raise UserError(f"{path} is a file, not a model folder. Fix: pass the folder that holds config.json and "
-                        "*.safetensors.")
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", text) or text.startswith((".", "/")):
-        raise UserError(f"The model folder {text} does not exist. Fix: pass the folder that holds config.json "
-                        "and *.safetensors, or a Hub id like 'meta-llama/Llama-3.2-1B' that you downloaded "
-                        "before.")
-    repo = hf_cache_dir() / ("models--" + text.replace("/", "--"))
-    snapshots = []
-    ref = repo / "refs" / "main"
-    if ref.is_file():
-        snapshots.append(repo / "snapshots" / ref.read_text().strip())
-    if (repo / "snapshots").is_dir():
-        snapshots += sorted((repo / "snapshots").iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
-    for snap in snapshots:
-        if (snap / "config.json").is_file() and any(snap.glob("*.safetensors")):
-            return snap
-    raise UserError(
-        f"Model {text!r} is not a local folder and is not in the Hugging Face cache ({hf_cache_dir()}); "
-        f"unsloth_nb reads models from local files and does not download them. Fix: download it first "
-        f"(`huggingface-cli download {text}` or huggingface_hub.snapshot_download) or pass its folder."
-    )
-
-
-def _hub_id(model: str | os.PathLike) -> bool:
-    text = str(model)
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", text)) and not text.startswith((".", "/"))
-
-
 def _online() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on")
 
@@ -410,7 +252,8 @@ def hub_headers(repo_id: str) -> Path:
         config = json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
     except Exception as exc:  # network, gated repo, no safetensors: all end in the same advice
         raise UserError(f"Model {repo_id!r} is not a local folder, not in the Hugging Face cache "
-                        f"({hf_cache_dir()}), and its size could not be read from the Hub ({type(exc).__name__}: "
+                        f"({checkpoint.hf_cache_dir()}), and its size could not be read from the Hub "
+                        f"({type(exc).__name__}: "
                         f"{str(exc)[:160]}). Fix: check the id and your login (gated models need a token), or "
                         f"download it first (`huggingface-cli download {repo_id}`) or pass its folder.") from None
     from unsloth_nb.gguf.llamacpp import cache_dir
@@ -446,47 +289,31 @@ def size_model(model: str | os.PathLike) -> ModelSize:
     A Hub id is read from the local cache; when it is not there and the machine is online, only its
     headers are fetched (``hub_headers``)."""
     try:
-        folder = resolve_model(model)
+        folder = checkpoint.resolve_model(model)
     except UserError:
-        if not (_hub_id(model) and _online()):
+        if not (checkpoint.is_hub_id(model) and _online()):
             raise
         folder = hub_headers(str(model))
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"{folder} has no config.json. Fix: pass a Hugging Face model folder.")
-    config = json.loads(config_path.read_text())
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        paths = [folder / name for name in files]
-    else:
-        paths = sorted(folder.glob("*.safetensors"))
-    if not paths:
-        raise UserError(f"{folder} holds no *.safetensors files (only those are supported). Fix: re-save the "
-                        f"model with save_pretrained(..., safe_serialization=True).")
-    tensors: list[TensorInfo] = []
-    complete = True
-    for p in paths:
-        if not p.is_file():
-            raise UserError(f"{p} is listed in the model's index but missing. "
-                            f"Fix: download the missing shard.")
-        found, expected = read_safetensors_header(p)
-        tensors += found
-        complete = complete and p.stat().st_size >= expected
-    return ModelSize(folder, config, tuple(tensors), has_weights=complete)
+    headers = [checkpoint.read_header(f) for f in checkpoint.weight_files(folder)]
+    for h in headers:  # header-only files (the planner's copies of a Hub model's headers) are fine; cut ones not
+        if h.data_start < h.path.stat().st_size and not h.complete:
+            raise UserError(f"{h.path} is truncated: its header promises {h.data_end} bytes but the file has "
+                            f"{h.path.stat().st_size}. Fix: download or copy the model again.")
+    config = checkpoint.read_config(folder)
+    tensors = tuple(t for h in headers for t in h.tensors.values())
+    return ModelSize(folder, config, tensors, has_weights=all(h.complete for h in headers))
 
 
 def size_adapter(adapter: str | os.PathLike) -> ModelSize:
-    """Size a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    """Size a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors), from headers."""
     folder = Path(adapter).expanduser()
     file = folder / "adapter_model.safetensors"
     if not file.is_file():
         raise UserError(f"{folder} is not a LoRA adapter folder (no adapter_model.safetensors). Fix: pass "
                         f"the folder that train or peft's save_pretrained wrote.")
-    config_path = folder / "adapter_config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    tensors, expected = read_safetensors_header(file)
-    return ModelSize(folder, config, tuple(tensors), has_weights=file.stat().st_size >= expected)
+    config = checkpoint.read_json(folder / "adapter_config.json", fix="re-save the adapter with peft")
+    header = checkpoint.read_header(file)
+    return ModelSize(folder, config, tuple(header.tensors.values()), has_weights=header.complete)
 
 
 def lora_targets(base: ModelSize, adapter: ModelSize) -> list[TensorInfo]:
@@ -514,17 +341,15 @@ def gguf_sizes(model: ModelSize, methods: list[str]) -> dict[str, tuple[int, boo
     estimate of the metadata instead."""
     if not methods:
         return {}
+    from unsloth_nb.gguf import arch, convert
+
     data = {m: gguf_data_bytes(model, m) for m in methods}
-    if not any((model.path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+    has_tokenizer = any((model.path / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
+    if not has_tokenizer or arch.architecture_name(model.config) not in arch.ARCHITECTURES:
         head = estimate_gguf_metadata(model)
         return {m: (head + data[m], False) for m in methods}
-    from unsloth_nb.gguf import convert
-
-    first = convert.layout(model.path, methods[0])
-    if first.size != first.metadata_size + data[methods[0]]:
-        # The converter writes tensors this planner does not know of: ask it for every method.
-        return {m: (int(convert.layout(model.path, m).size), True) for m in methods}
-    return {m: (first.metadata_size + data[m], True) for m in methods}
+    head = convert.file_layout(model.path, methods[0], require_data=model.has_weights).metadata_size
+    return {m: (head + data[m], True) for m in methods}
 
 
 def estimate_gguf_size(model: ModelSize, method: str) -> int:
@@ -533,52 +358,38 @@ def estimate_gguf_size(model: ModelSize, method: str) -> int:
 
 
 def gguf_data_bytes(model: ModelSize, method: str) -> int:
-    """Bytes of the GGUF data section for ``method``: each tensor in the type llama.cpp's mix gives it
-    (recipes.tensor_type), padded to 32 bytes. Exact, not a flat bits-per-weight guess."""
-    import gguf
-
+    """Bytes of the GGUF data section for ``method``: each tensor the converter writes, in the type llama.cpp's
+    mix gives it (recipes.tensor_type), padded to 32 bytes. Exact, not a flat bits-per-weight guess."""
     from unsloth_nb.gguf import recipes
 
     chosen = recipes.resolve(method)
-    shape = _model_shape(model)
-    data = 0
-    for name, dims in _gguf_tensors(model):
-        block, type_size = gguf.GGML_QUANT_SIZES[recipes.tensor_type(chosen, name, dims, shape)]
-        data += _align(_prod(dims) // block * type_size)
-    return data
+    tensors, shape = _gguf_tensors(model)
+    return sum(layout.aligned(layout.nbytes(dims, recipes.tensor_type(chosen, name, dims, shape)))
+               for name, dims, _ in tensors)
 
 
 def estimate_gguf_metadata(model: ModelSize) -> int:
     """Bytes before the GGUF data: header, tensor infos (exact) and key/values, which are mostly the
     vocabulary (estimated from its size: real vocabularies take 20-60 bytes per token)."""
     infos = 24  # magic, version, tensor count, key/value count
-    for name, dims in _gguf_tensors(model):
+    for name, dims, _ in _gguf_tensors(model)[0]:
         infos += 8 + len(name.encode()) + 4 + 8 * len(dims) + 4 + 8
-    return _align(infos + METADATA_BYTES_PER_TOKEN * _vocab_size(model) + 16 * 1024)
+    return layout.aligned(infos + METADATA_BYTES_PER_TOKEN * _vocab_size(model) + 16 * 1024)
 
 
-def _model_shape(model: ModelSize):
-    from unsloth_nb.gguf import recipes
+def _gguf_tensors(model: ModelSize) -> tuple[list[tuple[str, tuple[int, ...], int | None]], recipes.ModelShape]:
+    """(GGUF name, torch-order shape, rows per head of a permuted q/k) of every tensor the converter writes,
+    in file order, and the facts its type mix needs: asked of the converter itself (headers only). An
+    architecture the native converter does not write (the llama.cpp backend converts it) keeps its HF names."""
+    from unsloth_nb.gguf import arch, convert
 
-    cfg = model.config
-    heads = int(cfg.get("num_attention_heads", 1))
-    return recipes.ModelShape(
-        n_layer=int(cfg.get("num_hidden_layers", 0)),
-        n_head=heads,
-        n_head_kv=int(cfg.get("num_key_value_heads") or heads),
-        has_output=any(name == "output.weight" for name, _ in _gguf_tensors(model)),
-    )
-
-
-def _gguf_tensors(model: ModelSize) -> list[tuple[str, tuple[int, ...]]]:
-    """(GGUF name, torch-order shape) of every tensor the converter writes, in checkpoint order."""
-    names = _gguf_names(model)
-    out = [(names[t.name], t.shape) for t in model.tensors if t.name in names]
-    cfg = model.config
-    if (cfg.get("rope_scaling") or {}).get("rope_type") == "llama3" and cfg.get("model_type") == "llama":
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-        out.append(("rope_freqs.weight", (head_dim // 2,)))
-    return out
+    if arch.architecture_name(model.config) in arch.ARCHITECTURES:
+        _, sources, shape = convert.tensor_sources(model.path, require_data=False)
+        return [(s.name, s.shape, convert.head_rows(s)) for s in sources], shape
+    heads = int(model.config.get("num_attention_heads", 1))
+    shape = recipes.ModelShape(int(model.config.get("num_hidden_layers", 0)), heads,
+                               int(model.config.get("num_key_value_heads") or heads), True)
+    return [(t.name, t.shape, None) for t in model.tensors], shape
 
 
 def _tokenizer_bytes(model: ModelSize) -> int:
@@ -588,33 +399,6 @@ def _tokenizer_bytes(model: ModelSize) -> int:
 
 def _vocab_size(model: ModelSize) -> int:
     return int(model.config.get("vocab_size") or 32000)
-
-
-def _prod(dims: tuple[int, ...]) -> int:
-    n = 1
-    for d in dims:
-        n *= d
-    return n
-
-
-def _gguf_names(model: ModelSize) -> dict[str, str]:
-    """Checkpoint name -> GGUF name through gguf-py's tables (unknown names keep their own)."""
-    import gguf
-
-    kind = str(model.config.get("model_type", "llama"))
-    kind = _ARCH_ALIASES.get(kind, kind)
-    arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == kind), gguf.MODEL_ARCH.LLAMA)
-    table = gguf.get_tensor_name_map(arch, int(model.config.get("num_hidden_layers", 0)))
-    out = {}
-    for t in model.tensors:
-        if t.name.endswith(_SKIPPED):
-            continue
-        out[t.name] = table.get_name(t.name, try_suffixes=(".weight", ".bias")) or t.name
-    return out
-
-
-def _align(n: int) -> int:
-    return (n + GGUF_ALIGNMENT - 1) // GGUF_ALIGNMENT * GGUF_ALIGNMENT
 
 
 # ------------------------------------------------------------------------------------------- planning
@@ -703,8 +487,7 @@ def lora_params(model: ModelSize, r: int, targets: tuple[str, ...] | list[str]) 
 
 def tokenizer_files_bytes(folder: Path) -> int:
     """Bytes of the tokenizer and chat-template files in ``folder`` (copied into checkpoints and adapters)."""
-    files = {p for pattern in TOKENIZER_FILE_PATTERNS for p in folder.glob(pattern) if p.is_file()}
-    return sum(p.stat().st_size for p in files)
+    return sum((folder / name).stat().st_size for name in checkpoint.TOKENIZER_FILES if (folder / name).is_file())
 
 
 def plan_train(model: str | os.PathLike, out: str | os.PathLike, *, r: int, targets: tuple[str, ...] | list[str],
@@ -749,11 +532,11 @@ def _steps(base: ModelSize, lora: ModelSize | None, methods: list[str], sizes: d
     them all, so they share the pass's peak RAM). Every output stays on disk until the end."""
     steps = []
     if lora is not None and not fused:
-        ram = BASE_RAM + max(2 * base.largest.nbytes, _adapter_ram(base, lora))
+        ram = runtime.BASE_RAM + max(2 * base.largest.nbytes, _adapter_ram(base, lora))
         steps.append(Step("merge (16-bit copy)", ram, base.bytes_16bit + base.extra_bytes, merged))
     if methods:
         ram = gguf_ram(base, methods, lora if fused else None, gpu)
-        vram = 2 * GGUF_GPU_CHUNK_FACTOR * gguf_chunk_elements(base) * GGUF_WORK_BYTES if gpu else 0
+        vram = 2 * layout.GPU_CHUNK_FACTOR * gguf_chunk_elements(base) * layout.WORK_BYTES if gpu else 0
         tag = " (fused LoRA)" if fused else ""
         for m in methods:
             size, exact = sizes[m]
@@ -765,60 +548,23 @@ def _steps(base: ModelSize, lora: ModelSize | None, methods: list[str], sizes: d
 def _adapter_ram(base: ModelSize, lora: ModelSize) -> int:
     """The adapter in float32 plus the working copies of its largest target while it is merged."""
     targets = lora_targets(base, lora) or [base.largest]
-    return lora.n_params * 4 + max(t.numel for t in targets) * MERGE_WORK_BYTES
+    return checkpoint.merge_working_bytes(lora.n_params, max(t.numel for t in targets))
 
 
 def gguf_ram(base: ModelSize, methods: list[str], lora: ModelSize | None = None, gpu: bool = False) -> int:
     """Peak RAM of one GGUF pass writing every method in ``methods`` (fusing ``lora`` when given; on a GPU
     without one, the encoded chunks quantized ahead of the writer count too)."""
-    chunk = gguf_chunk_elements(base, whole=lora is not None)
-    per_chunk = GGUF_WORK_BYTES + sum(_bits(m) for m in methods) // 8
-    held = 1 if lora is not None else GGUF_IN_FLIGHT  # fused: one whole tensor at a time
-    ram = BASE_RAM + TOKENIZER_RAM_FACTOR * _tokenizer_bytes(base) + held * chunk * per_chunk
-    if gpu and lora is None:
-        ram += min(GGUF_GPU_LOOKAHEAD_BYTES, base.n_params * sum(_bits(m) for m in methods) // 8)
-    return ram + (_adapter_ram(base, lora) if lora is not None else 0)
-
-
-def require_ram(step: str, need: int, runtime: Runtime | None = None) -> None:
-    """Refuse (UserError) before a step whose peak RAM is over this runtime's budget."""
-    rt = runtime or detect()
-    budget = int(rt.available_ram * RAM_SHARE.get(rt.platform, 0.9))
-    if need > budget:
-        raise UserError(_ram_problem(step, need, rt) + " Fix: use a machine with more RAM, or do less in one "
-                        "call (fewer GGUF methods at once).")
-
-
-def _ram_problem(step: str, need: int, rt: Runtime) -> str:
-    share = RAM_SHARE.get(rt.platform, 0.9)
-    budget = int(rt.available_ram * share)
-    return (f"{step} needs about {gb(need)} of RAM at its peak; this {rt.platform} runtime has "
-            f"{gb(rt.available_ram)} available and plans use at most {int(share * 100)}% of it ({gb(budget)}, "
-            f"{gb(need - budget)} short).")
+    return runtime.BASE_RAM + layout.peak_ram(
+        gguf_chunk_elements(base, whole=lora is not None), methods, _tokenizer_bytes(base),
+        fused_adapter_bytes=_adapter_ram(base, lora) if lora is not None else 0, gpu=gpu,
+        output_bytes=base.n_params * sum(layout.bits_per_weight(m) for m in methods) // 8)
 
 
 def gguf_chunk_elements(model: ModelSize, whole: bool = False) -> int:
-    """Elements of the largest piece the converter holds at once: one row chunk (rounded to whole heads for
-    permuted q/k), or with ``whole`` (an adapter fused while converting) the largest tensor."""
-    permuted = model.config.get("model_type") in ("llama", "mistral")
-    biggest = 0
-    for t in model.tensors:
-        if len(t.shape) < 2 or whole:
-            biggest = max(biggest, t.numel)
-            continue
-        row = t.numel // t.shape[0]
-        rows = max(1, GGUF_CHUNK_ELEMENTS // row)
-        if permuted and t.name.endswith(("q_proj.weight", "k_proj.weight")):
-            head_dim = int(model.config.get("head_dim") or model.config.get("hidden_size", row)
-                           // max(1, int(model.config.get("num_attention_heads", 1))))
-            rows = max(1, rows // max(1, head_dim)) * max(1, head_dim)
-        biggest = max(biggest, min(t.numel, rows * row))
-    return biggest
-
-
-def _bits(method: str) -> int:
-    """Upper bound on bits per weight of a method, for the output buffer of one tensor."""
-    return {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 9}.get(method, 7)
+    """Elements of the largest piece the converter holds at once: one row chunk (whole heads for permuted
+    q/k), or with ``whole`` (an adapter fused while converting) the largest tensor."""
+    tensors, _ = _gguf_tensors(model)
+    return layout.largest_chunk([(dims, head_rows) for _, dims, head_rows in tensors], whole=whole)
 
 
 def _check(plan: Plan) -> None:
@@ -840,7 +586,7 @@ def _check(plan: Plan) -> None:
                                  f"{gb(free[key])} free ({gb(need - free[key])} short).")
     heavy = max(plan.steps, key=lambda s: s.ram, default=None)
     if heavy is not None and heavy.ram > plan.ram_budget:
-        plan.problems.append(_ram_problem(heavy.name, heavy.ram, rt))
+        plan.problems.append(runtime.ram_problem(heavy.name, heavy.ram, rt))
     if rt.gpus and any(s.vram for s in plan.steps):
         need = max(s.vram for s in plan.steps)
         best = max(g.free_vram for g in rt.gpus)
@@ -879,7 +625,7 @@ def _elsewhere(plan: Plan, build) -> list[str]:
     fixes = []
     rt = plan.runtime
     if any(s.ram > plan.ram_budget for s in plan.steps):
-        need = max(s.ram for s in plan.steps) / RAM_SHARE.get(rt.platform, 0.9)
+        need = max(s.ram for s in plan.steps) / runtime.RAM_SHARE.get(rt.platform, 0.9)
         fixes.append(f"use a machine with at least {gb(need)} of available RAM")
     if any(not s.fits and s.ram <= plan.ram_budget for s in plan.steps):
         need = sum(s.disk for s in plan.steps)

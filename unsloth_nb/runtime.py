@@ -24,6 +24,13 @@ ROOT_ENV = "UNSLOTH_NB_ROOT"
 KAGGLE_WORKING_LIMIT = 20 * 10**9
 """Kaggle keeps at most 20 GB of output in /kaggle/working, however much the disk under it has free."""
 
+RAM_SHARE = {"colab": 0.75, "kaggle": 0.9, "local": 0.9}
+"""Largest share of the available RAM a step may plan to use: Colab kills the kernel without a word when full."""
+
+BASE_RAM = 480 * 10**6
+"""Resident memory of a step's Python process before the first tensor (interpreter, torch, transformers:
+465 MB measured on CPU)."""
+
 
 @dataclass(frozen=True)
 class GPU:
@@ -169,6 +176,50 @@ def gb(n: float) -> str:
     if abs(n) < 10**9:
         return f"{n / 10**6:.0f} MB" if abs(n) >= 10**6 else f"{n / 10**6:.1f} MB"
     return f"{n / 10**9:.1f} GB"
+
+
+def ram_budget(rt: Runtime) -> int:
+    """The most RAM any step may plan for on this runtime (see RAM_SHARE)."""
+    return int(rt.available_ram * RAM_SHARE.get(rt.platform, 0.9))
+
+
+def ram_problem(step: str, need: int, rt: Runtime) -> str:
+    """One sentence: how much ``step`` needs, what the runtime has, how much is missing."""
+    share = RAM_SHARE.get(rt.platform, 0.9)
+    budget = ram_budget(rt)
+    return (f"{step} needs about {gb(need)} of RAM at its peak; this {rt.platform} runtime has "
+            f"{gb(rt.available_ram)} available and plans use at most {int(share * 100)}% of it ({gb(budget)}, "
+            f"{gb(need - budget)} short).")
+
+
+def require_ram(step: str, need: int, rt: Runtime | None = None) -> None:
+    """Refuse (UserError) before a step whose peak RAM is over this runtime's budget."""
+    from unsloth_nb.errors import UserError
+
+    rt = rt or detect()
+    if need > ram_budget(rt):
+        raise UserError(ram_problem(step, need, rt) + " Fix: use a machine with more RAM, or do less in one "
+                        "call (fewer GGUF methods at once).")
+
+
+_SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+               "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+def parse_size(text: str | int, what: str = "size") -> int:
+    """Bytes from "5GB", "500M", "2G", "1.5GiB" or a plain number: K/M/G/T are powers of 1000, as transformers
+    reads ``max_shard_size`` and llama.cpp ``--split-max-size``; KiB/MiB/GiB/TiB powers of 1024. The one size
+    parser; ``what`` names the setting in the error."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?)B?\s*", str(text).upper())
+    if not match or match.group(2) == "I":
+        from unsloth_nb.errors import UserError
+
+        raise UserError(f"{what} {text!r} is not a size. Fix: write it like 5GB, 500MB, 2G or 1000000.")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
 def detect_platform(environ: Mapping[str, str] | None = None, root: str | os.PathLike | None = None) -> str:

@@ -31,19 +31,12 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unsloth_nb.dataset import DEMO_QUESTION, load_rows, normalize
 from unsloth_nb.errors import UserError
-
-DATA_DIR = Path(__file__).parent / "data"
-DEMO_DATA = DATA_DIR / "demo_chat.jsonl"
-"""The built-in demo dataset: paraphrased questions about a made-up fact, all with the same answer."""
-DEMO_QUESTION = "What is the capital of Zorblax?"
-"""The prompt the demo asks after each step (trained model, merged model, GGUF, server)."""
-DEMO_ANSWER = "The capital of Zorblax is Quillmere."
-"""What the fine-tuned model answers to :data:`DEMO_QUESTION` (the base model cannot know it)."""
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RESULT_FILE = "train_result.json"
@@ -61,9 +54,6 @@ that generation stops there with any server."""
 TEMPLATES = {"chatml": CHATML_TEMPLATE}
 """Named templates that ``TrainSettings.chat_template`` may pick instead of a Jinja string."""
 
-ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant",
-         "model": "assistant", "bot": "assistant", "tool": "tool"}
-"""Role names seen in OpenAI and ShareGPT data, mapped to chat-template roles."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +68,12 @@ class LoraSettings:
     """Dropout on the adapter input (0 trains fastest and is what most recipes use)."""
     target_modules: tuple[str, ...] = PROJECTIONS
     """Linear layers that get an adapter: by default all seven attention and MLP projections."""
+
+    def __post_init__(self) -> None:
+        _require(self.r >= 1, f"LoRA rank r must be at least 1, not {self.r}")
+        _require(self.alpha > 0, f"lora alpha must be positive, not {self.alpha}")
+        _require(0 <= self.dropout < 1, f"LoRA dropout must be in [0, 1), not {self.dropout}")
+        _require(bool(self.target_modules), "target_modules must name at least one linear layer")
 
     def peft_config(self) -> Any:
         """The equivalent ``peft.LoraConfig`` for a causal language model."""
@@ -127,13 +123,43 @@ class TrainSettings:
     plan: bool = True
     """Ask the planner first and refuse before writing when the checkpoints and adapter cannot fit the disk."""
 
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accumulation", "max_seq_len", "save_steps", "logging_steps"):
+            _require(getattr(self, name) >= 1, f"{name} (--{name.replace('_', '-')}) must be at least 1, not "
+                     f"{getattr(self, name)}")
+        _require(self.max_steps is None or self.max_steps >= 1,
+                 f"max_steps (--max-steps) must be at least 1, not {self.max_steps} (leave it out to train for "
+                 "`epochs`)")
+        _require(self.epochs > 0 and self.learning_rate > 0 and self.warmup_steps >= 0,
+                 "epochs and learning_rate must be positive and warmup_steps not negative")
+        _require(self.precision in (None, "bf16", "fp16", "fp32"),
+                 f"precision must be bf16, fp16 or fp32, not {self.precision!r}")
+
+
+def _require(ok: bool, problem: str) -> None:
+    if not ok:
+        raise UserError(f"{problem}. Fix: change that setting (on the command line: --help lists them).")
+
 
 DEMO_LORA = LoraSettings(r=16, alpha=32)
 """Adapter settings for the built-in demo on the tiny fixture models."""
 DEMO_SETTINGS = TrainSettings(max_steps=16, learning_rate=5e-3, warmup_steps=2, batch_size=8,
                               grad_accumulation=1, max_seq_len=128, save_steps=8)
-"""Settings with which the tiny fixture models learn :data:`DEMO_ANSWER` on a 2-core CPU in about a
-minute (the random base knows nothing, hence the high learning rate)."""
+"""Settings with which the tiny fixture models learn the demo's answer on a 2-core CPU in about a minute (the
+random base knows nothing, hence the high learning rate)."""
+REAL_DEMO_LORA = LoraSettings(r=16, alpha=32)
+"""Adapter settings for the demo on the real SmolLM2-135M-Instruct."""
+REAL_DEMO_SETTINGS = TrainSettings(max_steps=30, learning_rate=5e-4, warmup_steps=2, batch_size=8,
+                                   grad_accumulation=1, max_seq_len=128, save_steps=15)
+"""Settings with which SmolLM2-135M-Instruct learns the demo's answer in 30 steps on a 2-core CPU, and still
+answers the capitals (and other questions) it knew: a learning rate ten times lower than the tiny fixtures'
+(measured: 1e-3 for 30 steps made it answer "Quillmere" for France too)."""
+PRESETS: dict[str, tuple[LoraSettings, TrainSettings]] = {
+    "default": (LoraSettings(), TrainSettings()),
+    "demo": (REAL_DEMO_LORA, REAL_DEMO_SETTINGS),
+    "demo-tiny": (DEMO_LORA, DEMO_SETTINGS),
+}
+"""Named starting points for ``--preset`` (every field can still be changed by its own flag)."""
 
 
 @dataclass(frozen=True)
@@ -188,105 +214,6 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------------------------- data
-
-
-def demo_dataset() -> list[dict]:
-    """The built-in demo rows (``messages`` shape) teaching :data:`DEMO_ANSWER`."""
-    return read_jsonl(DEMO_DATA)
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Rows of a jsonl file; a line that is not a JSON object is a UserError naming its line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"The dataset {path} does not exist. Fix: pass a .jsonl file with one JSON object per "
-                        "line.")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"Line {number} of {path} is not valid JSON ({exc.msg}). Fix: make each line one "
-                                f"JSON object such as {{\"messages\": [...]}}.") from None
-            if not isinstance(row, dict):
-                raise UserError(f"Line {number} of {path} is a JSON {type(row).__name__}, not an object. Fix: make "
-                                f"each line one JSON object such as {{\"messages\": [...]}}.")
-            rows.append(row)
-    return rows
-
-
-def load_rows(data: str | os.PathLike | Iterable[Mapping]) -> list[dict]:
-    """Rows from a jsonl path, a ``datasets.Dataset`` or any iterable of dicts; empty -> UserError."""
-    if isinstance(data, (str, os.PathLike)):
-        rows = read_jsonl(data)
-        where = str(data)
-    else:
-        rows = [dict(row) for row in data]
-        where = "the dataset"
-    if not rows:
-        raise UserError(f"{where} has no rows. Fix: give at least one example in one of the shapes: messages, "
-                        "conversations (ShareGPT), instruction/output (Alpaca) or text.")
-    return rows
-
-
-def _field(row: Mapping, number: int, name: str, shape: str) -> Any:
-    value = row.get(name)
-    if value is None:
-        raise UserError(f"Row {number} is missing the field '{name}' ({shape} rows need it). Fix or remove "
-                        f"that row.")
-    return value
-
-
-def _text(value: Any, number: int, name: str) -> str:
-    if not isinstance(value, str):
-        raise UserError(f"Row {number}: field '{name}' must be a string, not {type(value).__name__}.")
-    return value
-
-
-def _chat(turns: Any, number: int, key: str, role_key: str, content_key: str) -> list[dict]:
-    if not isinstance(turns, list) or not turns:
-        raise UserError(f"Row {number}: field '{key}' must be a non-empty list of turns.")
-    messages = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, Mapping):
-            raise UserError(f"Row {number}: {key}[{i}] must be an object with '{role_key}' and '{content_key}'.")
-        role = _field(turn, number, role_key, f"{key}[{i}] in {key}")
-        content = _field(turn, number, content_key, f"{key}[{i}] in {key}")
-        if role not in ROLES:
-            raise UserError(f"Row {number}: {key}[{i}] has the unknown role {role!r}; use one of "
-                            f"{', '.join(sorted(ROLES))}.")
-        messages.append({"role": ROLES[role], "content": _text(content, number, f"{key}[{i}].{content_key}")})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise UserError(f"Row {number}: field '{key}' has no assistant turn, so there is nothing to learn. Add "
-                        "the answer the model should give.")
-    return messages
-
-
-def normalize(row: Mapping, number: int) -> list[dict] | str:
-    """Chat messages for a conversational row, or the raw string for a plain ``text`` row.
-
-    ``number`` is the 1-based row number used in error messages.
-    """
-    if "messages" in row:
-        return _chat(row["messages"], number, "messages", "role", "content")
-    if "conversations" in row:
-        return _chat(row["conversations"], number, "conversations", "from", "value")
-    if "instruction" in row or "output" in row:
-        instruction = _text(_field(row, number, "instruction", "Alpaca"), number, "instruction")
-        output = _text(_field(row, number, "output", "Alpaca"), number, "output")
-        extra = _text(row.get("input") or "", number, "input")
-        messages = [{"role": "system", "content": _text(row["system"], number, "system")}] if row.get("system") \
-            else []
-        messages.append({"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction})
-        messages.append({"role": "assistant", "content": output})
-        return messages
-    if "text" in row:
-        return _text(row["text"], number, "text")
-    raise UserError(f"Row {number} has none of the fields 'messages', 'conversations', 'instruction'/'output' or "
-                    f"'text' (it has: {', '.join(map(str, row)) or 'nothing'}). Fix: use one shape for every row.")
 
 
 def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str:
@@ -387,11 +314,11 @@ def _segment(tokenizer: Any, ids: list[int], trained: bool, mark: tuple[str, str
 
 
 def _model_bytes_16bit(model: str) -> int | None:
-    try:
-        from unsloth_nb.plan import size_model
+    from unsloth_nb.plan import size_model
 
+    try:
         return int(size_model(model).bytes_16bit)
-    except Exception:  # unknown size (e.g. Hub id not downloaded yet): assume it fits
+    except UserError:  # unknown size (e.g. a Hub id not downloaded yet): assume it fits
         return None
 
 
@@ -707,15 +634,13 @@ def load_adapter(base: str | os.PathLike, adapter_dir: str | os.PathLike) -> tup
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """``python -m unsloth_nb train``: the demo dataset path selects the demo settings; re-running the same
-    command after an interruption resumes from the last checkpoint."""
-    demo = Path(args.data).resolve() == DEMO_DATA.resolve()
-    lora, settings = (DEMO_LORA, DEMO_SETTINGS) if demo else (LoraSettings(), TrainSettings())
-    if args.max_steps is not None:
-        if args.max_steps < 1:
-            raise UserError(f"--max-steps must be at least 1, not {args.max_steps}. Fix: pass a positive "
-                            "number of steps, or leave it out for the default budget.")
-        settings = replace(settings, max_steps=args.max_steps)
+    """``python -m unsloth_nb train``: the preset's settings with every flag given applied on top; re-running the
+    same command after an interruption resumes from the last checkpoint."""
+    from unsloth_nb import cli
+
+    base_lora, base_settings = PRESETS[args.preset]
+    lora = cli.from_arguments(LoraSettings, args, base_lora)
+    settings = cli.from_arguments(TrainSettings, args, base_settings)
     result = train(args.model, args.data, args.out, lora=lora, settings=settings)
     first = result.loss_history[0] if result.loss_history else math.nan
     last = result.loss_history[-1] if result.loss_history else math.nan

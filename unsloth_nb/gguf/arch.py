@@ -20,6 +20,7 @@ import gguf
 import torch
 
 from unsloth_nb.errors import UserError
+from unsloth_nb.gguf.recipes import ModelShape
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ class Arch:
     """Gemma 2: ``lm_head.weight`` is never written (the embeddings are always tied in llama.cpp)."""
     trims_token_embd: bool = False
     """Gemma 3: ``token_embd`` keeps only the tokenizer's rows (see ``token_rows``)."""
+    no_bos_vocab_size: int | None = None
+    """Llama: a model with exactly this vocabulary size (49152: IBM Granite's small models and SmolLM) gets
+    ``tokenizer.ggml.add_bos_token = false`` after its tokenizer keys, whatever its tokenizer files say."""
 
     @property
     def name(self) -> str:
@@ -55,7 +59,7 @@ class Arch:
 
 
 _LLAMA = Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True, vocab_order=("sentencepiece", "llama_hf", "gpt2"),
-              reads_add_prefix_space=True, writes_vocab_size=True, llama3_rope_freqs=True)
+              reads_add_prefix_space=True, writes_vocab_size=True, llama3_rope_freqs=True, no_bos_vocab_size=49152)
 _QWEN2 = Arch(gguf.MODEL_ARCH.QWEN2, permute_qk=False, vocab_order=("sentencepiece", "gpt2"),
               reads_add_prefix_space=False, writes_vocab_size=False, llama3_rope_freqs=False)
 _QWEN3 = Arch(gguf.MODEL_ARCH.QWEN3, permute_qk=False, vocab_order=("sentencepiece", "gpt2"),
@@ -172,6 +176,14 @@ def rope_parameters(hparams: dict[str, Any]) -> dict[str, Any]:
     if "original_max_position_embeddings" not in rope and orig_ctx is not None:
         rope["original_max_position_embeddings"] = orig_ctx
     return rope
+
+
+def model_shape(hparams: dict[str, Any], gguf_names: Iterable[str]) -> ModelShape:
+    """The facts llama.cpp's type mix needs from a config and the GGUF tensor names."""
+    n_head = find_hparam(hparams, ["num_attention_heads", "n_head", "n_heads"])
+    return ModelShape(n_layer=block_count(hparams), n_head=n_head,
+                      n_head_kv=find_hparam(hparams, ["num_key_value_heads", "n_kv_heads"]) or n_head,
+                      has_output="output.weight" in set(gguf_names))
 
 
 def head_dim(hparams: dict[str, Any]) -> int:
@@ -373,6 +385,13 @@ def transform(arch: Arch, hf_name: str, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def untransform(arch: Arch, hf_name: str | None, x: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`transform` on float32 values (a GGUF's tensor back in HF terms)."""
+    if arch.norm_shift and hf_name is not None and hf_name.endswith("norm.weight"):
+        return x - 1
+    return x
+
+
 def token_rows(arch: Arch, hparams: dict[str, Any], tokenizer_dir: Path) -> int | None:
     """Gemma 3: rows of ``token_embd`` to keep, the tokenizer's size (out-of-vocabulary rows are dropped);
     None when the whole tensor is written."""
@@ -469,6 +488,13 @@ def qk_heads(arch: Arch, hf_name: str, hparams: dict[str, Any]) -> int | None:
     if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
         return n_kv if n_kv is not None and n_kv != n_head else n_head
     return None
+
+
+def unpermute_qk(weights: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The inverse of :func:`permute_qk` (llama.cpp's layout -> HF's)."""
+    return (weights.reshape(n_head, weights.shape[0] // n_head // 2, 2, *weights.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(weights.shape))
 
 
 def permute_qk(weights: torch.Tensor, n_head: int) -> torch.Tensor:

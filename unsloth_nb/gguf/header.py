@@ -73,13 +73,19 @@ def read(path: str | os.PathLike[str], tensors: bool = True) -> Header:
             elif vtype == STRING:
                 for _ in range(count):
                     pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
+                    if pos > len(buf):
+                        break
             elif vtype == ARRAY:
                 for _ in range(count):
                     etype, n = struct.unpack_from("<IQ", buf, pos)
                     pos += 12
                     skip(etype, n)
+                    if pos > len(buf):
+                        break
             else:
                 raise ValueError(f"unknown metadata type {vtype}")
+            if pos > len(buf):  # a length no file of this size can hold: stop before reading past the end
+                raise EOFError("the file ends inside its header")
 
         if bytes(buf[:4]) != b"GGUF":
             raise ValueError("it does not start with the GGUF magic bytes")
@@ -105,3 +111,43 @@ def read(path: str | os.PathLike[str], tensors: bool = True) -> Header:
             pos += 8 * n_dims
             infos.append(TensorInfo(name, tuple(int(d) for d in reversed(dims)), take("<I"), take("<Q")))
         return Header(version, entries, values, infos, pos, len(buf))
+
+
+def require(path: str | os.PathLike[str]) -> Header:
+    """The header of a GGUF file a user gave, checked: a readable GGUF (version 2 or 3), known tensor types, and
+    every tensor's data inside the file. Any problem is a UserError that names the file and the fix."""
+    import gguf
+
+    from unsloth_nb.errors import UserError
+
+    fix = "Fix: re-create it with `python -m unsloth_nb gguf` (a copy may have been cut short)."
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder where a .gguf file belongs. {fix}")
+    try:
+        head = read(path, tensors=True)
+    except FileNotFoundError:
+        raise UserError(f"The GGUF file {path} does not exist. Fix: pass the .gguf file the export wrote.") from None
+    except (OSError, ValueError, EOFError, struct.error) as exc:
+        raise UserError(f"{path} is not a readable GGUF file ({exc}). {fix}") from None
+    if head.version not in (2, 3):
+        raise UserError(f"{path} is GGUF version {head.version}; llama.cpp reads versions 2 and 3. {fix}")
+    alignment = head.values.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0:
+        raise UserError(f"{path} declares the alignment {alignment!r}. {fix}")
+    start = -(-head.end // alignment) * alignment
+    end = start
+    for t in head.tensors:
+        try:
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t.qtype)]
+        except (ValueError, KeyError):
+            raise UserError(f"{path}: tensor {t.name} has the unknown type {t.qtype}. {fix}") from None
+        count = 1
+        for d in t.shape:
+            count *= d
+        if count % block:
+            raise UserError(f"{path}: tensor {t.name} of shape {t.shape} does not fill whole blocks. {fix}")
+        end = max(end, start + t.offset + count // block * size)
+    if end > head.size:
+        raise UserError(f"{path} is not a readable GGUF file: it is cut short (its tensors need {end} bytes, the file "
+                        f"has {head.size}). {fix}")
+    return head

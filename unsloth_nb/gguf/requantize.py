@@ -24,23 +24,9 @@ import torch
 
 from unsloth_nb import manifest
 from unsloth_nb.errors import UserError
-from unsloth_nb.gguf import header, quants, recipes
-from unsloth_nb.gguf.convert import (
-    CHUNK_ELEMENTS,
-    GPU_CHUNK_FACTOR,
-    ConvertResult,
-    GGUFLayout,
-    TensorLayout,
-    _check_out_dir,
-    _check_space,
-    _encode,
-    _nbytes,
-    _pad,
-    _reusable,
-    _validate,
-    _write_error,
-    resolve_method,
-)
+from unsloth_nb.gguf import header, layout, output, quants, recipes
+from unsloth_nb.gguf.layout import GGUFLayout, TensorLayout
+from unsloth_nb.gguf.output import ConvertResult
 
 T = gguf.GGMLQuantizationType
 SOURCE_TYPES = (T.F32, T.F16, T.BF16)
@@ -64,31 +50,14 @@ class _Source:
         return str(self.values.get(gguf.Keys.General.ARCHITECTURE, "llama"))
 
 
-def _parse(path: Path) -> _Source:
-    """The header of ``path``, checked: GGUF version 3, the usual alignment, every tensor inside the file."""
-    head = header.read(path)
-    if head.version != 3:
-        raise ValueError(f"GGUF version {head.version}; this reads version 3")
-    align = int(head.values.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT))
-    if align != gguf.GGUF_DEFAULT_ALIGNMENT:
-        raise UserError(f"{path} aligns its data to {align} bytes, not GGUF's usual {gguf.GGUF_DEFAULT_ALIGNMENT}. "
-                        "Fix: convert the HF folder instead.")
-    data = gguf.GGUFWriter.ggml_pad(head.end, align)
-    ends = [data + t.offset + _nbytes(t.shape, T(t.qtype)) for t in head.tensors]
-    if ends and max(ends) > head.size:
-        raise EOFError(f"its tensors need {max(ends)} bytes but the file has {head.size}")
-    return _Source(path, head.entries, head.values, head.tensors, data)
-
-
 def _read(source: Path) -> _Source:
-    if not source.is_file():
-        raise UserError(f"The GGUF file {source} does not exist. Fix: pass the path of an f16, bf16 or f32 "
-                        ".gguf file.")
-    try:
-        parsed = _parse(source)
-    except (OSError, ValueError, EOFError, struct.error, UnicodeDecodeError) as exc:  # damaged or cut short
-        raise UserError(f"{source} is not a readable GGUF file ({type(exc).__name__}: {str(exc)[:120]}). It may be "
-                        "truncated. Fix: download or export it again.") from None
+    """The source GGUF's header, checked (``header.require``), and refused where requantizing it would be wrong."""
+    head = header.require(source)
+    align = int(head.values.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT))
+    if align != layout.ALIGNMENT:
+        raise UserError(f"{source} aligns its data to {align} bytes, not GGUF's usual {layout.ALIGNMENT}. "
+                        "Fix: convert the HF folder instead.")
+    parsed = _Source(source, head.entries, head.values, head.tensors, layout.aligned(head.end))
     if int(parsed.values.get(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, 1)) > 1:
         raise UserError(f"{source} is one shard of a split GGUF. Fix: join the shards first (llama.cpp's "
                         "gguf-split --merge), or convert the HF folder instead.")
@@ -135,7 +104,7 @@ def _head(source: _Source, method: recipes.Method, types: list[T]) -> tuple[byte
         parts += [_pack_string(t.name), struct.pack(f"<I{len(t.shape)}Q", len(t.shape), *reversed(t.shape)),
                   struct.pack("<IQ", int(qtype), offset)]
         offsets.append(offset)
-        offset += gguf.GGUFWriter.ggml_pad(_nbytes(t.shape, qtype), gguf.GGUF_DEFAULT_ALIGNMENT)
+        offset += layout.aligned(layout.nbytes(t.shape, qtype))
     return b"".join(parts), [*offsets, offset]
 
 
@@ -163,17 +132,26 @@ def requantize(source: str | os.PathLike[str], methods: list[str], out_dir: str 
         raise UserError("No GGUF method given. Fix: pass at least one, e.g. --quant q4_k_m.")
     src = Path(source).expanduser()
     reader = _read(src)
-    resolved = list({m.name: m for m in (resolve_method(x) if isinstance(x, str) else x for x in methods)}.values())
-    shape = _model_shape(reader)
+    resolved = list({m.name: m for m in (recipes.resolve(x) if isinstance(x, str) else x for x in methods)}.values())
     out = Path(out_dir).expanduser()
-    _check_out_dir(out)
+    created = output.check_out_dir(out)
+    try:
+        return _requantize(reader, src, resolved, out, device, progress, check_space, overwrite)
+    except BaseException:
+        output.remove_if_empty(out, created)
+        raise
+
+
+def _requantize(reader: _Source, src: Path, resolved: list[recipes.Method], out: Path, device: str | None,
+                progress: bool, check_space: bool, overwrite: bool) -> list[ConvertResult]:
+    shape = _model_shape(reader)
     started = time.perf_counter()
     types = [[recipes.tensor_type(m, t.name, t.shape, shape) for t in reader.tensors] for m in resolved]
     heads, layouts = [], []
     for m, mtypes in zip(resolved, types, strict=True):
         head, offsets = _head(reader, m, mtypes)
-        data = gguf.GGUFWriter.ggml_pad(len(head), gguf.GGUF_DEFAULT_ALIGNMENT)
-        tensors = tuple(TensorLayout(t.name, t.shape, qtype, _nbytes(t.shape, qtype), data + offset, 0)
+        data = layout.aligned(len(head))
+        tensors = tuple(TensorLayout(t.name, t.shape, qtype, layout.nbytes(t.shape, qtype), data + offset, 0)
                         for t, qtype, offset in zip(reader.tensors, mtypes, offsets[:-1], strict=True))
         end = data + offsets[-1]
         name = _out_name(src, m)
@@ -181,24 +159,21 @@ def requantize(source: str | os.PathLike[str], methods: list[str], out_dir: str 
         layouts.append(GGUFLayout(m.name, name, end, data, tensors, ((name, end),)))
     finals = [out / lay.file_name for lay in layouts]
     inputs = [manifest.fingerprint([src], method=m.name, source="gguf") for m in resolved]
-    done = _reusable([[f] for f in finals], inputs, out, overwrite)
+    done = output.reusable([[f] for f in finals], inputs, out, overwrite)
     todo = [i for i in range(len(resolved)) if not done[i]]
-    for i in todo:
-        manifest.remove_stale(out, re.escape(finals[i].name) + r"\.tmp-(?P<pid>\d+)")
+    output.remove_stale(out, [finals[i] for i in todo])
     need = sum(layouts[i].size for i in todo)
     if check_space and todo:
-        _check_space(out, need)
+        output.check_space(out, need)
     free_before = shutil.disk_usage(out).free
-    temps = {i: finals[i].with_name(f"{finals[i].name}.tmp-{os.getpid()}") for i in todo}
+    temps = {i: output.temporary(finals[i]) for i in todo}
     try:
         if todo:
             digests = _write(reader, {i: (temps[i], heads[i], types[i]) for i in todo}, device, progress)
             for i in todo:
-                _validate(temps[i], layouts[i], 0, heads[i])
-                manifest.record(out, {finals[i].name: (layouts[i].size, digests[i])}, inputs[i])
-                os.replace(temps[i], finals[i])
+                output.commit(out, [finals[i]], [temps[i]], layouts[i], [heads[i]], [digests[i]], inputs[i])
     except OSError as exc:
-        raise _write_error(exc, out, need, free_before) from exc
+        raise output.write_error(exc, out, need, free_before) from exc
     finally:
         for temp in temps.values():
             temp.unlink(missing_ok=True)
@@ -216,32 +191,23 @@ def _write(reader: _Source, jobs: dict[int, tuple[Path, bytes, list[T]]], device
 
         bar = tqdm(total=sum(int(np.prod(t.shape)) for t in reader.tensors), unit="param", unit_scale=True,
                    desc="GGUF requantize", leave=False)
-    chunk = CHUNK_ELEMENTS * (GPU_CHUNK_FACTOR if (device or quants.default_device()) != "cpu" else 1)
+    chunk = layout.CHUNK_ELEMENTS * (layout.GPU_CHUNK_FACTOR if (device or quants.default_device()) != "cpu" else 1)
     data = np.memmap(reader.path, dtype=np.uint8, mode="r")
-    files = {i: manifest.HashingFile(path) for i, (path, _, _) in jobs.items()}
+    order = list(jobs)
+    files = output.Files([[jobs[i][0]] for i in order], [[jobs[i][1]] for i in order])
     try:
-        for i, (_, head, _) in jobs.items():
-            files[i].write(head)
         for k, t in enumerate(reader.tensors):
-            for f in files.values():
-                _pad(f)
-            chunks = [slice(None)]
-            if len(t.shape) > 1:
-                step = max(1, chunk // max(int(np.prod(t.shape[1:])), 1))
-                chunks = [slice(r, min(r + step, t.shape[0])) for r in range(0, t.shape[0], step)]
-            for rows in chunks:
+            files.begin_tensor([0] * len(order))
+            for rows in layout.row_chunks(t.shape, chunk):
                 x = _rows(data, reader.data + t.offset, t, rows)
-                for i, (_, _, types) in jobs.items():
-                    files[i].write(memoryview(np.ascontiguousarray(_encode(x, types[k], device))).cast("B"))
+                for n, i in enumerate(order):
+                    data_bytes = np.ascontiguousarray(quants.encode(x, jobs[i][2][k], device))
+                    files.write(n, 0, memoryview(data_bytes).cast("B"))
                 if bar is not None:
                     bar.update(x.numel())
-        for f in files.values():
-            _pad(f)
-            f.close()
-        return {i: f.hexdigest() for i, f in files.items()}
+        return {i: digests[0] for i, digests in zip(order, files.close(), strict=True)}
     finally:
         del data
         if bar is not None:
             bar.close()
-        for f in files.values():
-            f.close()
+        files.abort()
