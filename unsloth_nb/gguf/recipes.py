@@ -3,8 +3,8 @@
 A method (q4_k_m, q8_0, bf16, ...) is a base type plus llama.cpp's per-tensor mix: the output
 projection and the more sensitive attn_v / ffn_down tensors get more bits, norms and other 1-D
 tensors stay F32, and a row length the base type cannot hold falls back to a 32-element type.
-``tensor_type`` reproduces the choice made by llama.cpp's ``llama-quant.cpp`` (no imatrix, no
-overrides) for dense models, so our files carry the same types as ``llama-quantize`` output.
+``tensor_type`` reproduces the choice made by llama.cpp's ``llama-quant.cpp`` (with or without an importance
+matrix, no overrides) for dense models, so our files carry the same types as ``llama-quantize`` output.
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ METHODS: dict[str, Method] = {
         Method("q3_k_l", "Largest 3-bit mix: 5-bit attention values and feed-forward output.",
                T.Q3_K, 13),
         Method("q4_0", "Legacy 4-bit format: simple and fast, less accurate than q4_k_m.", T.Q4_0, 2),
+        Method("iq4_xs", "4.25 bits per weight with a non-linear grid: smaller than q4_k_m, as good or better "
+               "with an importance matrix (imatrix).", T.IQ4_XS, 30),
+        Method("iq4_nl", "4.5-bit non-linear format in 32-value blocks (fits rows q4_k_m cannot).", T.IQ4_NL, 25),
         Method("q4_k_s", "4-bit, slightly smaller than q4_k_m with slightly lower quality.",
                T.Q4_K, 14),
         Method("q4_k_m", "Recommended default: 4-bit mix with the most sensitive tensors at 6 bits; "
@@ -118,7 +121,7 @@ _NEVER_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.wei
 _NEVER_QUANTIZED_NAMES = ("token_types.weight",)
 
 # A 256-element K-quant type that does not fit a row falls back to a 32-element type.
-_FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+_FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.IQ4_XS: T.IQ4_NL}
 
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
@@ -153,8 +156,11 @@ def is_quantizable(gguf_name: str, shape: tuple[int, ...]) -> bool:
     return not any(s in gguf_name for s in _NEVER_QUANTIZED)
 
 
-def _mixed_type(method: Method, name: str, row_len: int, model: ModelShape) -> T:
-    """The type llama.cpp's mix picks before the row-length fallback."""
+_IQ4 = ("iq4_nl", "iq4_xs")
+
+
+def _mixed_type(method: Method, name: str, row_len: int, model: ModelShape, imatrix: bool) -> T:
+    """The type llama.cpp's mix picks before the row-length fallback (``imatrix``: quantized with one)."""
     ft, base = method.name, method.base_type
     cat = _category(name)
     match = _LAYER.match(name)
@@ -176,6 +182,8 @@ def _mixed_type(method: Method, name: str, row_len: int, model: ModelShape) -> T
             return T.Q6_K
         if ft == "q4_k_s" and i_layer < 4:
             return T.Q5_K
+        if ft in _IQ4 and model.n_gqa >= 4:
+            return T.Q5_K
         return base
     if cat == "ffn_down":
         if ft == "q2_k":
@@ -186,16 +194,22 @@ def _mixed_type(method: Method, name: str, row_len: int, model: ModelShape) -> T
             return T.Q5_K
         if ft in ("q4_k_m", "q5_k_m") and use_more_bits(i_layer, n_layer):
             return T.Q6_K
+        if ft in _IQ4 and i_layer < n_layer // 8 and not imatrix:
+            return T.Q5_K
         if ft == "q4_k_s" and i_layer < n_layer // 8:
             return T.Q5_K
+        if ft in ("q4_0", "q5_0") and imatrix and i_layer < n_layer // 8:
+            return T.Q4_1 if ft == "q4_0" else T.Q5_1  # llama.cpp's guard for the first ffn_down layers
         return base
     if cat == "attn_output":
         return {"q2_k": T.Q3_K, "q3_k_m": T.Q4_K, "q3_k_l": T.Q5_K}.get(ft, base)
     return base
 
 
-def tensor_type(method: Method, gguf_name: str, shape: tuple[int, ...], model: ModelShape) -> T:
-    """The GGML type llama.cpp gives tensor ``gguf_name`` (torch-order ``shape``) in a ``method`` file.
+def tensor_type(method: Method, gguf_name: str, shape: tuple[int, ...], model: ModelShape,
+                imatrix: bool = False) -> T:
+    """The GGML type llama.cpp gives tensor ``gguf_name`` (torch-order ``shape``) in a ``method`` file, quantized
+    with an importance matrix when ``imatrix`` (it changes the mix of the IQ4 and legacy 4/5-bit methods).
 
     Tensors llama.cpp never quantizes (1-D tensors, norms, MoE routers) are F32, as the reference
     converter writes them. Layer-dependent rules use the block number in the name, which equals
@@ -206,7 +220,7 @@ def tensor_type(method: Method, gguf_name: str, shape: tuple[int, ...], model: M
     if not method.quantized:
         return method.base_type
     row_len = shape[-1]
-    qtype = _mixed_type(method, gguf_name, row_len, model)
+    qtype = _mixed_type(method, gguf_name, row_len, model, imatrix)
     block = GGML_QUANT_SIZES[qtype][0]
     if row_len % block != 0:
         qtype = _FALLBACK.get(qtype, qtype)
