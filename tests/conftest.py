@@ -85,7 +85,8 @@ def pytest_report_header(config) -> list[str]:
 
 
 RELIABILITY: Counter = Counter()
-"""What the reliability tests did: bad-input cases, faults injected by kind, user files checked and lost."""
+"""What the reliability tests did: bad-input cases, fuzzed inputs, faults injected by kind, user files checked
+and lost."""
 
 
 @pytest.fixture(scope="session")
@@ -100,6 +101,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
     faults = {k[len("fault: "):]: v for k, v in RELIABILITY.items() if k.startswith("fault: ")}
     terminalreporter.write_sep("-", "reliability summary")
     terminalreporter.write_line(f"bad-input cases tried: {RELIABILITY['cases']}")
+    terminalreporter.write_line(f"fuzzed inputs read: {RELIABILITY['fuzzed inputs']} (each a success or a UserError)")
     terminalreporter.write_line(f"faults injected: {sum(faults.values())} ("
                                 + ", ".join(f"{k}: {v}" for k, v in sorted(faults.items())) + ")")
     terminalreporter.write_line(f"user files checked: {RELIABILITY['files checked']}, "

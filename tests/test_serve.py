@@ -6,6 +6,7 @@ An autouse fixture checks at the end that no server process started here is left
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -245,11 +246,11 @@ def gone(server: serve.Server) -> bool:
 @pytest.fixture(scope="module")
 def taught_dir(llama3_dir, tmp_path_factory) -> Path:
     """The Llama-3 fixture fine-tuned on the demo data (a peaked answer to the taught question), merged."""
-    from unsloth_nb import train
+    from unsloth_nb import dataset, train
     from unsloth_nb.merge import MergeSettings, merge
 
     root = tmp_path_factory.mktemp("taught")
-    adapter = train.train(llama3_dir, train.DEMO_DATA, root / "adapter", lora=train.DEMO_LORA,
+    adapter = train.train(llama3_dir, dataset.DEMO_DATA, root / "adapter", lora=train.DEMO_LORA,
                           settings=train.DEMO_SETTINGS, progress=False).adapter_dir
     return merge(llama3_dir, adapter, root / "merged", MergeSettings(progress=False)).out_dir
 
@@ -319,7 +320,7 @@ def test_vllm_greedy_equals_hf_greedy_on_the_fine_tune(vllm_server, hf_model):
     """On the taught question the distribution is peaked: vLLM's greedy answer is the HF model's, token for token."""
     import torch
 
-    from unsloth_nb.train import DEMO_ANSWER, DEMO_QUESTION
+    from unsloth_nb.dataset import DEMO_ANSWER, DEMO_QUESTION
 
     model, tokenizer = hf_model
     messages = [{"role": "user", "content": DEMO_QUESTION}]
@@ -395,7 +396,7 @@ def test_llamacpp_answers_like_llamacpp_in_process(llama_server, llama3_gguf):
     want_chat = llm.create_chat_completion(MESSAGES, **greedy)
     assert llama_server.chat(MESSAGES, **greedy) == want_chat["choices"][0]["message"]["content"]
     # The fine-tune's peaked answer to the taught question, from the server and from the library alike.
-    from unsloth_nb.train import DEMO_ANSWER, DEMO_QUESTION
+    from unsloth_nb.dataset import DEMO_ANSWER, DEMO_QUESTION
 
     taught = [{"role": "user", "content": DEMO_QUESTION}]
     answer = llama_server.chat(taught, **{**greedy, "max_tokens": 16})
@@ -469,6 +470,108 @@ def test_killed_server_mid_request_is_reported_with_its_log(llama3_gguf, tmp_pat
     thread.join(60)
     assert len(errors) == 1 and isinstance(errors[0], UserError)
     assert "died during the request" in str(errors[0]) and str(server.log_path) in str(errors[0])
+    server.stop()
+    assert gone(server) and serve.port_is_free(server.port)
+
+
+# ------------------------------------------------------------------------------------ load and faults
+
+
+def _many_chats(server: serve.Server, n: int = 8) -> list[str | BaseException]:
+    """``n`` chat requests at once from ``n`` threads; each gives its answer or the exception it raised."""
+    results: list[str | BaseException] = [""] * n
+
+    def ask(i: int) -> None:
+        try:
+            results[i] = server.chat(f"Say a word about the number {i}.", max_tokens=8, timeout=300)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            results[i] = exc
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    return results
+
+
+@pytest.mark.parametrize("engine", ["llama.cpp", "vLLM"])
+def test_concurrent_chats_all_get_an_answer(engine, request, ledger):
+    """Eight clients at once (loopback): every one gets an answer, and the server is still there afterwards."""
+    server = request.getfixturevalue("llama_server" if engine == "llama.cpp" else "vllm_server")
+    ledger["fault: concurrent load"] += 1
+    results = _many_chats(server)
+    assert all(isinstance(r, str) for r in results), results
+    assert server.running() and server.chat("Hello", max_tokens=2)
+
+
+@pytest.mark.parametrize("engine", ["llama.cpp", "vLLM"])
+def test_a_client_that_leaves_mid_stream_leaves_the_server_serving(engine, request, ledger):
+    server = request.getfixturevalue("llama_server" if engine == "llama.cpp" else "vllm_server")
+    ledger["fault: client disconnect"] += 1
+    pieces = server.stream_complete(PROMPT, max_tokens=200, logit_bias=BANNED_EOS)
+    assert next(pieces)
+    pieces.close()  # the client goes away with the stream half read: the connection is closed
+    assert server.running()
+    assert isinstance(server.chat("Hello", max_tokens=4), str)
+
+
+def test_a_frozen_server_times_out_with_a_clear_error(llama3_gguf, tmp_path, ledger):
+    """A server that stops answering (SIGSTOP): the request gives up at its timeout with a clear error, the
+    handle still says running (the process is alive), and after SIGCONT it answers again."""
+    ledger["fault: server frozen"] += 1
+    server = start(llama3_gguf, max_model_len=512, log_dir=tmp_path)
+    try:
+        os.killpg(server.pid, signal.SIGSTOP)
+        with pytest.raises(UserError, match="failed"):
+            server.chat("Hello", max_tokens=4, timeout=3)
+        assert server.running()
+        os.killpg(server.pid, signal.SIGCONT)
+        assert isinstance(server.chat("Hello", max_tokens=2), str)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGCONT)
+        server.stop()
+    assert gone(server)
+
+
+@pytest.mark.parametrize("engine", ["llama.cpp", "vLLM"])
+def test_a_server_killed_while_idle_is_reported_by_the_handle(engine, request, tmp_path, ledger):
+    """kill -9 between requests: running() turns False, the next request says the server is not running (with
+    its log), stop() is clean and nothing is left of the process group."""
+    ledger["fault: server killed"] += 1
+    if engine == "llama.cpp":
+        server = start(request.getfixturevalue("llama3_gguf"), max_model_len=512, log_dir=tmp_path)
+    else:
+        server = start(request.getfixturevalue("taught_dir"), max_model_len=512, log_dir=tmp_path)
+    os.killpg(server.pid, signal.SIGKILL)
+    server.process.wait(30)
+    assert not server.running()
+    with pytest.raises(UserError, match="not running"):
+        server.chat("Hello", max_tokens=2)
+    server.stop()
+    assert gone(server)
+
+
+def test_vllm_killed_mid_request_is_reported_with_its_log(taught_dir, tmp_path, ledger):
+    ledger["fault: server killed"] += 1
+    server = start(taught_dir, max_model_len=2048, log_dir=tmp_path)
+    errors: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            server.complete(PROMPT, max_tokens=1500, logit_bias=BANNED_EOS)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    time.sleep(2.0)
+    os.killpg(server.pid, signal.SIGKILL)
+    thread.join(60)
+    assert len(errors) == 1 and isinstance(errors[0], UserError), errors
+    assert "died during the request" in str(errors[0])
+    assert not server.running()
     server.stop()
     assert gone(server) and serve.port_is_free(server.port)
 
