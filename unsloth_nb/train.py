@@ -408,6 +408,22 @@ def load_model(model: str | os.PathLike, lora: LoraSettings, choice: Resolved, s
     return get_peft_model(base, lora.peft_config())
 
 
+def _check_model(model: str | os.PathLike) -> None:
+    """Read a local model folder's headers (config, tokenizer files, safetensors) before anything is loaded, so
+    that a damaged file is named with its fix; a Hub id not downloaded yet is left to transformers to fetch."""
+    from unsloth_nb import checkpoint
+
+    try:
+        folder = checkpoint.resolve_model(model)
+    except UserError:
+        if checkpoint.is_hub_id(model):
+            return
+        raise
+    checkpoint.read_config(folder)
+    checkpoint.check_tokenizer(folder)
+    checkpoint.model_tensors(folder)
+
+
 def checkpoint_dir(out_dir: str | os.PathLike) -> Path:
     """Where checkpoints of a run writing ``out_dir`` live: the sibling folder ``<out>.checkpoints``."""
     out = Path(out_dir).resolve()
@@ -503,9 +519,11 @@ def train(model: str | os.PathLike, data: str | os.PathLike | Iterable[Mapping],
     lora = lora or LoraSettings()
     settings = settings or TrainSettings()
     out = Path(out_dir).resolve()
+    _check_model(model)
+    rows = load_rows(data)  # a broken data file is named before anything is loaded
     choice = resolve(model, settings)
     tokenizer = load_tokenizer(model, settings)
-    examples = prepare(tokenizer, data, settings.max_seq_len)
+    examples = prepare(tokenizer, rows, settings.max_seq_len)
     fingerprint = _fingerprint(str(model), lora, settings, examples)
     done = _finished(out, fingerprint)
     if done is not None:
