@@ -40,7 +40,7 @@ def parameters_cell(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
 
 
 def install_cell(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    cells = [c for c in code_cells(nb) if "pip" in c.source or "widgets.install" in c.source]
+    cells = [c for c in code_cells(nb) if "pip" in c.source or "install.install" in c.source]
     assert len(cells) == 1, "one install cell"
     return cells[0]
 
@@ -96,7 +96,7 @@ def test_install_cell_keeps_torch_and_is_guarded(path):
     assert "COLAB_" in cell.source and "KAGGLE_KERNEL_RUN_TYPE" in cell.source
     # Every line that installs anything sits under the hosted-platform guard.
     for line in cell.source.splitlines():
-        if "subprocess.run" in line or "widgets.install(" in line:
+        if "subprocess.run" in line or "install.install(" in line:
             assert line.startswith((" ", "\t")), f"unguarded install line: {line}"
 
 
@@ -141,6 +141,29 @@ def slowest_cells(nb: nbformat.NotebookNode, n: int = 4) -> str:
     return "; ".join(f"{line!r}: {t:.1f} s" for t, line in sorted(times, reverse=True)[:n])
 
 
+SERVE_CELL_LINES = 15
+"""Most lines a serve cell may show on success: a status, the URL and model, notes, where the log is."""
+
+
+def serve_cell_text(nb: nbformat.NotebookNode) -> str:
+    """What the cell that starts the server shows: its text output, and one line per rich output (the collapsed
+    log is one line until clicked)."""
+    cell = next(c for c in code_cells(nb) if "serve.serve(" in c.source)
+    parts = []
+    for output in cell.outputs:
+        if output.output_type == "stream":
+            parts.append(output.text)
+        elif "text/html" in output.get("data", {}):
+            parts.append("<collapsed log>\n")
+        else:
+            parts.append(output.get("data", {}).get("text/plain", "") + "\n")
+    return "".join(parts)
+
+
+def serve_cell_lines(nb: nbformat.NotebookNode) -> int:
+    return len([line for line in serve_cell_text(nb).splitlines() if line.strip()])
+
+
 @pytest.fixture
 def hosted_env_removed(monkeypatch):
     """The kernel inherits this environment: make sure it does not look like Colab or Kaggle."""
@@ -176,6 +199,7 @@ def test_notebook_runs_end_to_end_on_the_fixture(path, tmp_path, hosted_env_remo
         assert len(reader.tensors) > 0
         assert int(reader.fields["general.file_type"].contents()) == recipes.resolve(method).file_type
     assert state["engine"] == params.get("SERVE_ENGINE", "llama.cpp")
+    assert serve_cell_lines(nb) <= SERVE_CELL_LINES, serve_cell_text(nb)
     assert isinstance(state["answer"], str)  # the server answered the chat request (HTTP 200)
     assert state["running"] is False, "the notebook stops its server"
     with pytest.raises(ProcessLookupError):
@@ -194,6 +218,7 @@ def test_notebook_01_serves_the_merged_model_with_vllm(tmp_path, hosted_env_remo
     nb, state, seconds = execute(path, params, tmp_path)
     print(f"{path.name} with vLLM: executed in {seconds:.1f} s; slowest cells: {slowest_cells(nb)}")
     assert state["engine"] == "vllm" and isinstance(state["answer"], str)
+    assert serve_cell_lines(nb) <= SERVE_CELL_LINES, serve_cell_text(nb)
     assert state["running"] is False
     with pytest.raises(ProcessLookupError):
         os.kill(state["pid"], 0)

@@ -359,15 +359,6 @@ def test_busy_port_is_refused(vllm_server, llama3_dir):
     assert len(serve._LIVE) == before  # nothing was started
 
 
-def test_vllm_stop_leaves_nothing(vllm_server):
-    vllm_server.stop()
-    assert gone(vllm_server)
-    assert serve.port_is_free(vllm_server.port)
-    vllm_server.stop()  # idempotent
-    with pytest.raises(UserError, match="not running"):
-        vllm_server.chat("Hi")
-
-
 def test_a_folder_vllm_cannot_load_gives_vllms_reason(llama3_dir, tmp_path):
     broken = tmp_path / "broken-model"
     broken.mkdir()
@@ -706,3 +697,13 @@ def test_unknown_family_gets_a_clear_note(tmp_path, llama3_dir):
     assert not [line for line in text.splitlines() if line.startswith("TEMPLATE")]
     assert "NOTE: the chat template of this model is not one of the families" in text
     assert 'PARAMETER stop "<|eot_id|>"' in text
+
+
+def test_vllm_stop_leaves_nothing(vllm_server):
+    """Last in the file: it stops the module's shared vLLM server, which the load and fault tests above use."""
+    vllm_server.stop()
+    assert gone(vllm_server)
+    assert serve.port_is_free(vllm_server.port)
+    vllm_server.stop()  # idempotent
+    with pytest.raises(UserError, match="not running"):
+        vllm_server.chat("Hi")

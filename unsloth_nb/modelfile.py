@@ -1,4 +1,5 @@
-"""Files for serving a GGUF elsewhere: an Ollama ``Modelfile`` and a README model card.
+"""Files for serving a GGUF elsewhere: an Ollama ``Modelfile`` and a README model card, for a model GGUF or for
+a LoRA adapter GGUF shipped as an adapter (``FROM`` the base GGUF, ``ADAPTER`` the LoRA GGUF: no merged copy).
 
 Ollama does not run Jinja chat templates; its ``TEMPLATE`` is a Go template. For the common families
 (Llama 3, ChatML/Qwen, Mistral [INST], Gemma, Phi-3) the family is recognised from the model's own chat
@@ -147,11 +148,26 @@ def _id_to_token(root: Path, config: dict) -> dict[int, str]:
     return names
 
 
-def modelfile_text(gguf_path: str | os.PathLike[str], info: TokenizerInfo) -> str:
-    """The Ollama Modelfile for a GGUF (FROM the file next to it, TEMPLATE, stop tokens, sampling)."""
+def file_ref(target: str | os.PathLike[str], folder: str | os.PathLike[str]) -> str:
+    """How a Modelfile in ``folder`` names ``target``: ``./NAME`` when it lies there, else its absolute path."""
+    path = Path(target)
+    return f"./{path.name}" if path.resolve().parent == Path(folder).resolve() else str(path.resolve())
+
+
+def modelfile_text(gguf_path: str | os.PathLike[str], info: TokenizerInfo,
+                   adapter_path: str | os.PathLike[str] | None = None) -> str:
+    """The Ollama Modelfile for a GGUF (FROM the file next to it, TEMPLATE, stop tokens, sampling). With
+    ``adapter_path`` (a LoRA GGUF for that base) the Modelfile lies next to the adapter: FROM the base GGUF,
+    ADAPTER the LoRA GGUF, applied by Ollama over the base at load time."""
     family_key = detect_family(info.chat_template)
-    lines = [f"# Ollama Modelfile {MARKER}. Use: ollama create NAME -f Modelfile && ollama run NAME",
-             f"FROM ./{Path(gguf_path).name}", ""]
+    lines = [f"# Ollama Modelfile {MARKER}. Use: ollama create NAME -f Modelfile && ollama run NAME"]
+    if adapter_path is None:
+        lines += [f"FROM ./{Path(gguf_path).name}", ""]
+    else:
+        folder = Path(adapter_path).parent
+        lines += ["# the base GGUF the adapter was trained for (change this line if the base file moves), then the",
+                  "# LoRA adapter GGUF Ollama applies over it",
+                  f"FROM {file_ref(gguf_path, folder)}", f"ADAPTER {file_ref(adapter_path, folder)}", ""]
     stops: list[str] = []
     if family_key is None:
         lines += ["# NOTE: the chat template of this model is not one of the families written here (Llama 3,",
@@ -230,6 +246,39 @@ curl http://127.0.0.1:8080/v1/chat/completions -H "Content-Type: application/jso
 """
 
 
+def adapter_readme_text(gguf_path: Path, adapter_path: Path, name: str, modelfile: str = "Modelfile") -> str:
+    """A model card for a LoRA adapter GGUF: the commands to run it over its base with llama.cpp, unsloth_nb
+    and Ollama."""
+    base = shlex.quote(file_ref(gguf_path, adapter_path.parent))
+    lora = shlex.quote(file_ref(adapter_path, adapter_path.parent))
+    return f"""<!-- {MARKER} -->
+# {name}
+
+A LoRA adapter as a GGUF, to load over its base model's GGUF (no merged copy of the model).
+
+| file | size |
+| --- | --- |
+| `{adapter_path.name}` (the adapter) | {adapter_path.stat().st_size / 1e6:.1f} MB |
+| `{gguf_path.name}` (the base) | {gguf_path.stat().st_size / 1e9:.2f} GB |
+
+## llama.cpp
+
+```bash
+llama-server -m {base} --lora {lora} --port 8080
+pip install "llama-cpp-python[server]"
+python -m llama_cpp.server --model {base} --lora_path {lora} --port 8080
+python -m unsloth_nb serve {base} --adapter {name}={lora}   # the base and the adapter, two model names
+```
+
+## Ollama
+
+```bash
+ollama create {name} -f {modelfile}     # FROM the base GGUF, ADAPTER the LoRA GGUF
+ollama run {name}
+```
+"""
+
+
 def _write_own(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically, refusing to replace a file this module did not write."""
     if path.exists():
@@ -249,11 +298,15 @@ def _write_own(path: Path, text: str) -> None:
 
 
 def write_modelfile(gguf_path: str | os.PathLike[str], tokenizer_dir: str | os.PathLike[str],
-                    name: str | None = None) -> tuple[Path, Path]:
+                    name: str | None = None, *, adapter: str | os.PathLike[str] | None = None) -> tuple[Path, Path]:
     """Write ``Modelfile`` (Ollama) and ``README.md`` (model card) next to the GGUF; return both paths.
 
     ``tokenizer_dir`` is the merged (or base) HF folder the GGUF was made from: its chat template, end tokens
     and generation defaults fill the Modelfile. The README lists every GGUF in the folder.
+
+    With ``adapter`` (a LoRA GGUF for the base ``gguf_path``, checked to fit it as llama.cpp checks it), both
+    files go next to the adapter instead, for shipping the adapter as an adapter: the Modelfile says FROM the
+    base GGUF and ADAPTER the LoRA GGUF, the README how to run the pair.
     """
     gguf_file = Path(gguf_path)
     if not gguf_file.is_file() or gguf_file.suffix.lower() != ".gguf":
@@ -263,6 +316,22 @@ def write_modelfile(gguf_path: str | os.PathLike[str], tokenizer_dir: str | os.P
         raise UserError(f"{folder} is not a folder. Fix: pass the merged HF folder the GGUF was made from (it holds "
                         "the tokenizer files and chat template).")
     info = read_tokenizer(folder)
+    if adapter is not None:
+        from unsloth_nb.gguf import lora as loras
+
+        lora = Path(adapter)
+        if not lora.is_file() or lora.suffix.lower() != ".gguf":
+            raise UserError(f"{lora} is not a .gguf file. Fix: pass the LoRA GGUF the gguf step wrote for the adapter "
+                            "(`python -m unsloth_nb gguf ADAPTER_DIR --quant f16 --out DIR`).")
+        loras.check_gguf(lora, gguf_file)
+        adapter_name = name or lora.name.split(".")[0]
+        # Next to the base's own files when both GGUFs share a folder: then named after the adapter.
+        apart = lora.resolve().parent != gguf_file.resolve().parent
+        modelfile = lora.with_name("Modelfile" if apart else f"Modelfile.{adapter_name}")
+        readme = lora.with_name("README.md" if apart else f"README.{adapter_name}.md")
+        _write_own(modelfile, modelfile_text(gguf_file, info, lora))
+        _write_own(readme, adapter_readme_text(gguf_file, lora, adapter_name, modelfile.name))
+        return modelfile, readme
     model_name = name or gguf_file.name.split(".")[0]
     modelfile = gguf_file.with_name("Modelfile")
     readme = gguf_file.with_name("README.md")

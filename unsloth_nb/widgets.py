@@ -4,10 +4,6 @@ Every panel is a thin layer over plain objects that work without ipywidgets (pap
 All", a terminal): ``QuantPicker.selected`` is a Python list, ``StepPanel.run()`` runs the step, ``LossPlot``
 keeps the points, ``ChatBox.send(text)`` asks the server. ipywidgets is imported only when a widget is built,
 and only its common API (ipywidgets 7.7 as Colab ships it and 8.x) is used.
-
-The install helpers at the end choose what the notebooks' install cell runs on Colab and Kaggle: the
-requirements with the preinstalled torch held at its version, and the vLLM release that fits that torch, the
-GPU and the driver (or none, with the reason).
 """
 
 from __future__ import annotations
@@ -16,10 +12,6 @@ import functools
 import html
 import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -437,34 +429,59 @@ def train_with_plot(model: str | os.PathLike, data: Any, out_dir: str | os.PathL
 
 
 class ChatBox:
-    """A text box and a Send button that ask a running server (``serve.Server``) and show the answers."""
+    """A text box and a Send button that ask a running server (``serve.Server``) and show the answers.
 
-    def __init__(self, server: Any, *, max_tokens: int = 128) -> None:
+    When the server serves more than one model (a base and its LoRA adapters: ``server.models``), a dropdown
+    picks the one asked; ``model`` is the one picked (default: the base), and ``send(text, model=...)`` asks
+    another without a widget.
+    """
+
+    def __init__(self, server: Any, *, max_tokens: int = 128, model: str | None = None) -> None:
         self.server = server
         self.max_tokens = max_tokens
+        self.models: list[str] = list(getattr(server, "models", None) or [server.model])
+        if model is not None and model not in self.models:
+            raise UserError(f"The server does not serve a model called {model!r}; it serves "
+                            f"{', '.join(map(repr, self.models))}. Fix: pass one of those as model=.")
+        self.model: str = model or self.models[0]
+        """The model the box asks (the dropdown's choice when there is one)."""
         self.history: list[tuple[str, str]] = []
+        self.asked: list[str] = []
+        """The model each entry of ``history`` was asked."""
         self._widget: Any = None
 
-    def send(self, text: str) -> str:
-        """Ask the server (one user message); returns the answer and shows it in the widget when built."""
-        answer = self.server.chat(text, max_tokens=self.max_tokens)
+    def send(self, text: str, model: str | None = None) -> str:
+        """Ask the server (one user message) with ``model`` (default: :attr:`model`); returns the answer and
+        shows it in the widget when built."""
+        model = model or self.model
+        answer = self.server.chat(text, max_tokens=self.max_tokens, model=model)
         self.history.append((text, answer))
+        self.asked.append(model)
         if self._widget is not None:
             with self.output:
-                print(f"you: {text}\nmodel: {answer}\n")
+                print(f"you: {text}\n{model if len(self.models) > 1 else 'model'}: {answer}\n")
         return answer
 
     @property
     def widget(self) -> Any:
-        """The ipywidgets view, built on first use."""
+        """The ipywidgets view, built on first use (with a model dropdown when there is a choice)."""
         if self._widget is None:
             w = _ipywidgets()
             self.text = w.Text(placeholder="Ask the model something")
             self.button = w.Button(description="Send")
             self.output = w.Output()
             self.button.on_click(lambda _button: self._send_box())
-            self._widget = w.VBox([w.HBox([self.text, self.button]), self.output])
+            row = [self.text, self.button]
+            self.picker: Any = None
+            if len(self.models) > 1:
+                self.picker = w.Dropdown(options=self.models, value=self.model, description="model")
+                self.picker.observe(self._on_pick, names="value")
+                row.insert(0, self.picker)
+            self._widget = w.VBox([w.HBox(row), self.output])
         return self._widget
+
+    def _on_pick(self, change: dict) -> None:
+        self.model = change["new"]
 
     def _send_box(self) -> None:
         text = self.text.value.strip()
@@ -522,120 +539,3 @@ def files_summary(results: Iterable[Any]) -> str:
         path = Path(getattr(r, "path", r))
         parts.append(f"{path.name} ({gb(path.stat().st_size)})")
     return ", ".join(parts) or "no files"
-
-
-# -------------------------------------------------------------------------------------- Colab/Kaggle install
-
-VLLM_FOR_TORCH: dict[str, str] = {
-    "2.6": ">=0.8.0,<0.9",
-    "2.7": ">=0.9.0,<0.10.2",
-    "2.8": ">=0.10.2,<0.11.1",
-    "2.9": ">=0.11.1",
-}
-"""vLLM releases whose exact torch pin falls in each torch minor release (vLLM pins torch with ``==``). The
-install also holds torch at its installed version, so pip picks, within the range, the release that pins
-exactly that torch or refuses; it never replaces torch. Torch releases not listed leave the choice to pip."""
-
-DRIVER_FOR_CUDA: dict[int, int] = {11: 450, 12: 525, 13: 580}
-"""Oldest NVIDIA driver (major version) that runs each CUDA major release (minor-version compatibility)."""
-
-
-@dataclass(frozen=True)
-class VllmChoice:
-    """The vLLM requirement to install on this machine, or None with the reason."""
-
-    requirement: str | None
-    """pip requirement, e.g. "vllm>=0.10.2,<0.11.1"; None when vLLM cannot run here."""
-    reason: str
-    """One sentence on why."""
-
-
-def choose_vllm(runtime: Runtime, torch_version: str | None, torch_cuda: str | None,
-                driver: str | None) -> VllmChoice:
-    """Pick the vLLM requirement from the GPUs, the installed torch (version and CUDA build) and the driver.
-
-    Pure, so that each platform's choice is tested without it: ``detect_torch()`` and ``detect_driver()``
-    read the real values."""
-    from unsloth_nb.serve import VLLM_MIN_CAPABILITY
-
-    if not runtime.gpus:
-        return VllmChoice(None, "no CUDA GPU: serve the GGUF with llama.cpp instead")
-    old = [g for g in runtime.gpus if g.capability < VLLM_MIN_CAPABILITY]
-    if old:
-        major, minor = old[0].capability
-        return VllmChoice(None, f"{old[0].name} has compute capability {major}.{minor}, below vLLM's "
-                                f"{VLLM_MIN_CAPABILITY[0]}.{VLLM_MIN_CAPABILITY[1]}: serve the GGUF with llama.cpp")
-    if not torch_version or not torch_cuda:
-        return VllmChoice(None, "torch with CUDA is not installed, and installing vLLM would replace it")
-    cuda_major = int(torch_cuda.split(".")[0])
-    need = DRIVER_FOR_CUDA.get(cuda_major)
-    if driver and need and int(driver.split(".")[0]) < need:
-        return VllmChoice(None, f"NVIDIA driver {driver} is older than {need}, which CUDA {cuda_major} (this torch's "
-                                f"build) needs: serve the GGUF with llama.cpp")
-    minor_release = ".".join(torch_version.split("+")[0].split(".")[:2])
-    bounds = VLLM_FOR_TORCH.get(minor_release, "")
-    return VllmChoice(f"vllm{bounds}", f"the vLLM release that pins torch {torch_version.split('+')[0]} "
-                                       f"(CUDA {torch_cuda}, driver {driver or 'unknown'})")
-
-
-def detect_torch() -> tuple[str | None, str | None]:
-    """(torch version, CUDA version it was built with) without importing torch into this process."""
-    code = "import torch; print(torch.__version__); print(torch.version.cuda or '')"
-    try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-    version, _, cuda = out.stdout.strip().partition("\n")
-    return version.strip() or None, cuda.strip() or None
-
-
-def detect_driver() -> str | None:
-    """The NVIDIA driver version from nvidia-smi, e.g. "550.54.15"; None without one."""
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return None
-    try:
-        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.strip().splitlines()[0].strip() if out.strip() else None
-
-
-LLAMA_CPP_REQUIREMENT = "llama-cpp-python[server]>=0.3.16"
-"""llama.cpp's Python server (pip compiles it: a few minutes), for serving GGUF files."""
-
-
-def install_commands(requirements: str | os.PathLike, constraints: str | os.PathLike,
-                     vllm: VllmChoice | None, llama_cpp: bool = False) -> list[list[str]]:
-    """The pip command lines the install cell runs: the requirements, then vLLM when chosen and llama.cpp when
-    asked, each under ``constraints`` (which holds torch at its installed version)."""
-    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--constraint", str(constraints)]
-    commands = [[*pip, "--requirement", str(requirements)]]
-    if vllm is not None and vllm.requirement:
-        commands.append([*pip, vllm.requirement])
-    if llama_cpp:
-        commands.append([*pip, LLAMA_CPP_REQUIREMENT])
-    return commands
-
-
-def install(requirements: str | os.PathLike, *, vllm: bool = True, llama_cpp: bool = False) -> VllmChoice | None:
-    """Colab/Kaggle install: ``requirements``, the vLLM release chosen by :func:`choose_vllm` (when ``vllm``)
-    and llama.cpp's server (when ``llama_cpp``), with torch held at its installed version so that pip can never
-    replace it."""
-    version, cuda = detect_torch()
-    if version is None:
-        raise UserError("torch is not installed in this runtime. Fix: use a Colab or Kaggle GPU runtime (they ship "
-                        "torch), or install torch for your machine first.")
-    choice = choose_vllm(detect(), version, cuda, detect_driver()) if vllm else None
-    if choice is not None:
-        print(f"vLLM: {choice.requirement or 'not installed'} ({choice.reason})")
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-        f.write(f"torch=={version.split('+')[0]}\n")
-    try:
-        for command in install_commands(requirements, f.name, choice, llama_cpp):
-            subprocess.run(command, check=True)
-    finally:
-        os.unlink(f.name)
-    return choice
-

@@ -43,7 +43,7 @@ import torch
 from unsloth_nb import checkpoint, manifest, runtime
 from unsloth_nb.errors import UserError
 from unsloth_nb.gguf import arch as archs
-from unsloth_nb.gguf import layout, output, quants, recipes
+from unsloth_nb.gguf import imatrix_file, layout, output, quants, recipes
 from unsloth_nb.gguf import vocab as vocabs
 from unsloth_nb.gguf.layout import GGUFLayout
 from unsloth_nb.gguf.output import ConvertResult
@@ -133,7 +133,8 @@ class _Model:
     """A model folder read for conversion: config, architecture and the tensor list (weights stay on disk)."""
 
     def __init__(self, model_dir: str | os.PathLike[str], adapter: str | os.PathLike[str] | None = None,
-                 device: str | None = None, require_data: bool = True) -> None:
+                 device: str | None = None, require_data: bool = True,
+                 imatrix: str | os.PathLike[str] | None = None) -> None:
         self.require_data = require_data
         """False for header-only folders (the planner's copies of a Hub model's headers)."""
         self.dir = checkpoint.resolve_model(model_dir)
@@ -153,6 +154,9 @@ class _Model:
             self.tokenizer_dir = self.merged.tokenizer_dir
         checkpoint.check_tokenizer(self.tokenizer_dir)
         self.tensors = self._index()
+        self.imatrix_file = None if imatrix is None else Path(imatrix)
+        """The importance matrix the quantized files are made with (llama-quantize's --imatrix), if any."""
+        self.imatrix = imatrix_file.load(self.imatrix_file) if self.imatrix_file is not None else None
 
     @property
     def name(self) -> str:
@@ -166,7 +170,8 @@ class _Model:
             folders.append(self.merged.adapter.path)
         side = [d / n for d in folders for n in ("adapter_config.json", "adapter_model.safetensors",
                                                   *checkpoint.SIDE_FILES) if n != "generation_config.json"]
-        return checkpoint.weight_files(self.dir) + [p for p in side if p.is_file()]
+        imatrix = [self.imatrix_file] if self.imatrix_file is not None else []
+        return checkpoint.weight_files(self.dir) + [p for p in side if p.is_file()] + imatrix
 
     def _index(self) -> list[SourceTensor]:
         tensors = [SourceTensor(name, tuple(data.shape), data=data)
@@ -228,7 +233,11 @@ class _Plan:
     def __init__(self, model: _Model, method: recipes.Method, shape: recipes.ModelShape,
                  split_max_size: int = 0) -> None:
         self.method = method
-        self.types = [recipes.tensor_type(method, t.name, t.shape, shape) for t in model.tensors]
+        imatrix = model.imatrix
+        self.types = [recipes.tensor_type(method, t.name, t.shape, shape, imatrix is not None) for t in model.tensors]
+        self.weights = [imatrix.for_tensor(t.name, qtype, t.shape) if imatrix is not None else None
+                        for t, qtype in zip(model.tensors, self.types, strict=True)]
+        """Per tensor, the importance weights its quantizer gets (None: llama.cpp's reference rounding)."""
         self.writer = gguf.GGUFWriter(None, model.arch.name, split_max_size=split_max_size)
         for t, qtype in zip(model.tensors, self.types, strict=True):
             self.writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), layout.nbytes(t.shape, qtype),
@@ -278,6 +287,8 @@ def _add_metadata(model: _Model, plans: list[_Plan]) -> None:
         plan.writer.kv_data[0].update(kv)
         plan.writer.kv_data[0][gguf.Keys.General.FILE_TYPE] = gguf.GGUFValue(int(plan.method.file_type),
                                                                              gguf.GGUFValueType.UINT32)
+        if model.imatrix is not None and plan.method.quantized:
+            plan.writer.kv_data[0].update(model.imatrix.quantize_metadata(str(model.imatrix_file)))
 
 
 def _measure(plan: _Plan, model: _Model, file_name: str, heads: list[bytes]) -> GGUFLayout:
@@ -289,9 +300,9 @@ def _measure(plan: _Plan, model: _Model, file_name: str, heads: list[bytes]) -> 
 
 def file_layout(model_dir: str | os.PathLike[str], method: str | recipes.Method,
                 split_max_size: int | None = None, adapter: str | os.PathLike[str] | None = None,
-                require_data: bool = True) -> GGUFLayout:
+                require_data: bool = True, imatrix: str | os.PathLike[str] | None = None) -> GGUFLayout:
     """The exact file(s) ``convert`` would write for one method: sizes, offsets, types (no weights read)."""
-    model = _Model(model_dir, adapter, "cpu", require_data)
+    model = _Model(model_dir, adapter, "cpu", require_data, imatrix)
     m = resolve_method(method) if isinstance(method, str) else method
     plan = _prepare(model, [m], split_max_size or 0)[0]
     return _measure(plan, model, _file_name(model, m), layout.serialize(plan.writer))
@@ -366,8 +377,12 @@ def prepare(methods: list[str], device: str | None = None) -> threading.Thread |
 def convert(model_dir: str | os.PathLike[str], methods: list[str], out_dir: str | os.PathLike[str], *,
             adapter: str | os.PathLike[str] | None = None, device: str | None = None,
             split_max_size: int | None = None, progress: bool = True,
-            check_space: bool = True, overwrite: bool = False) -> list[ConvertResult]:
+            check_space: bool = True, overwrite: bool = False,
+            imatrix: str | os.PathLike[str] | None = None) -> list[ConvertResult]:
     """Write ``out_dir/<name>.<METHOD>.gguf`` for every method, reading the safetensors once for all of them.
+
+    ``imatrix`` (a GGUF or legacy .dat importance matrix, e.g. from ``python -m unsloth_nb imatrix``) weights
+    the quantizers as ``llama-quantize --imatrix`` does, with its type mix and ``quantize.imatrix.*`` keys.
 
     ``device`` is where quantization runs ("cuda" or "cpu"; default: the quantizer's choice).
     ``split_max_size`` (bytes) splits each output the way llama.cpp's converter does (``-00001-of-0000n``
@@ -384,7 +399,7 @@ def convert(model_dir: str | os.PathLike[str], methods: list[str], out_dir: str 
         raise UserError("No GGUF method given. Fix: pass at least one, e.g. --quant q8_0.")
     resolved = [resolve_method(m) if isinstance(m, str) else m for m in methods]
     resolved = list({m.name: m for m in resolved}.values())
-    model = _Model(model_dir, adapter, device)
+    model = _Model(model_dir, adapter, device, imatrix=imatrix)
     out = Path(out_dir).expanduser()
     created = output.check_out_dir(out)
     try:
@@ -465,7 +480,8 @@ def _encode_chunk(model: _Model, plans: list[_Plan], device: str | None, handles
                   i: int, rows: slice) -> tuple[int, list[np.ndarray]]:
     """Rows ``rows`` of tensor ``i`` read and encoded for every plan: (element count, one array per plan)."""
     x = _load(model.tensors[i], model, handles, rows)  # a damaged file raises its own UserError while read
-    return x.numel(), [np.ascontiguousarray(quants.encode(x, plan.types[i], device)) for plan in plans]
+    return x.numel(), [np.ascontiguousarray(quants.encode(x, plan.types[i], device, weights=plan.weights[i]))
+                       for plan in plans]
 
 
 _FORKED: tuple[Any, ...] = ()
@@ -499,7 +515,7 @@ def _encoders(model: _Model, plans: list[_Plan], device: str | None, handles: di
     files themselves; only the encoded bytes travel back. Everything else (16-bit copies, Q8_0, a GPU)
     is bound by reads or the GPU and stays in threads."""
     global _FORKED
-    heavy = any(t in quants.K_QUANTS for plan in plans for t in plan.types)
+    heavy = any(t in quants.TORCH_TYPES for plan in plans for t in plan.types)
     forkable = sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods()
     if not (on_cpu and heavy and forkable and workers > 1 and model.merged is None):
         return (ThreadPoolExecutor(workers, thread_name_prefix="gguf"),

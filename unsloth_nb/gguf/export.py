@@ -21,7 +21,11 @@ def run_cli(args: argparse.Namespace) -> int:
     methods = [m for m in (s.strip() for s in args.quant.split(",")) if m]
     split = (runtime.parse_size(args.split_max_size, "--split-max-size")
              if getattr(args, "split_max_size", None) else None)
+    imatrix = getattr(args, "imatrix", None)
     if checkpoint.is_adapter(Path(args.model)):
+        if imatrix:
+            raise UserError(f"{args.model} is a LoRA adapter: its GGUF is written in 16 bits or Q8_0, which use no "
+                            "importance matrix. Fix: drop --imatrix (it is for quantizing a model folder or GGUF).")
         if args.adapter or split or getattr(args, "backend", "native") != "native":
             raise UserError(f"{args.model} is a LoRA adapter, written as an adapter GGUF as it is: --adapter, "
                             "--split-max-size and --backend apply to model folders only. Fix: drop them (or pass "
@@ -32,16 +36,16 @@ def run_cli(args: argparse.Namespace) -> int:
         if args.adapter or split or getattr(args, "backend", "native") != "native":
             raise UserError("A GGUF source is re-quantized as it is: --adapter, --split-max-size and --backend "
                             "apply to HF folders only. Fix: drop them, or convert the HF folder instead.")
-        results = requantize.requantize(args.model, methods, args.out, device=args.device,
+        results = requantize.requantize(args.model, methods, args.out, device=args.device, imatrix=imatrix,
                                         progress=sys.stderr.isatty(), overwrite=getattr(args, "overwrite", False))
     elif getattr(args, "backend", "native") == "llama.cpp":
-        if args.adapter or split:
-            raise UserError("--adapter and --split-max-size work only with the native backend. Fix: drop "
-                            "--backend llama.cpp, or merge first and convert the merged folder.")
+        if args.adapter or split or imatrix:
+            raise UserError("--adapter, --split-max-size and --imatrix work only with the native backend. Fix: "
+                            "drop --backend llama.cpp, or merge first and convert the merged folder.")
         results = convert.convert_with_llamacpp(args.model, methods, args.out)
     else:
         results = convert.convert(args.model, methods, args.out, adapter=args.adapter, device=args.device,
-                                  split_max_size=split, progress=sys.stderr.isatty(),
+                                  split_max_size=split, progress=sys.stderr.isatty(), imatrix=imatrix,
                                   overwrite=getattr(args, "overwrite", False))
     for r in results:
         for path in r.shards or (r.path,):

@@ -53,7 +53,7 @@ import torch
 from unsloth_nb import checkpoint, manifest
 from unsloth_nb.errors import UserError
 from unsloth_nb.gguf import arch as archs
-from unsloth_nb.gguf import layout, output, quants, recipes
+from unsloth_nb.gguf import header, layout, output, quants, recipes
 from unsloth_nb.gguf.convert import SourceTensor, tensor_sources, to_gguf_layout
 from unsloth_nb.gguf.output import ConvertResult
 
@@ -414,3 +414,60 @@ def _write(plan: AdapterPlan, types: list[list[T]], heads: list[list[bytes]], te
         if bar is not None:
             bar.close()
         files.abort()
+
+
+def gguf_problems(base: header.Header, tensors: Sequence[tuple[str, tuple[int, ...]]]) -> list[str]:
+    """Why llama.cpp would refuse LoRA tensors (GGUF name, torch-order shape) over the base GGUF ``base``, in
+    the words of its checks (llama-adapter.cpp ``llama_adapter_lora_init_impl``): every name a base tensor's
+    plus ``.lora_a``/``.lora_b``, both halves present, A (r, in) and B (out, r) of its shape (out, in); for the
+    token embeddings A is (vocab, r) and B (dim, r)."""
+    shapes = {t.name: t.shape for t in base.tensors}
+    pairs: dict[str, dict[str, tuple[int, ...]]] = {}
+    problems = []
+    for name, shape in tensors:
+        if name.endswith(("lora_a", "lora_b")):
+            pairs.setdefault(name[:-7], {})[name[-1]] = tuple(shape)
+        elif not name.endswith("_norm.weight"):  # llama.cpp skips norm vectors
+            problems.append(f"tensor {name} is not a LoRA factor (.lora_a/.lora_b)")
+    for target, pair in pairs.items():
+        a, b = pair.get("a"), pair.get("b")
+        if a is None or b is None:
+            problems.append(f"the LoRA pair of {target} lacks its {'lora_a' if a is None else 'lora_b'}")
+        elif target not in shapes:
+            problems.append(f"it changes {target}, which the base GGUF does not have")
+        elif len(a) != 2 or len(b) != 2 or len(shapes[target]) != 2:
+            problems.append(f"the factors of {target} are not matrices ({a}, {b})")
+        elif target.endswith("token_embd.weight"):
+            if (a[0], b[0]) != shapes[target]:
+                problems.append(f"the factors of {target} ({a}, {b}) do not fit its shape {shapes[target]}")
+        elif (b[0], a[1]) != shapes[target] or a[0] != b[1]:
+            problems.append(f"the factors of {target} ({a}, {b}) do not fit its shape {shapes[target]}")
+    return problems
+
+
+def check_gguf(adapter_gguf: str | os.PathLike[str], base_gguf: str | os.PathLike[str],
+                       name: str | None = None) -> None:
+    """Refuse a LoRA GGUF that llama.cpp would not load over ``base_gguf`` (it would fail only on the adapter's
+    first request): not an adapter GGUF (``general.type``, ``adapter.type``), another architecture, or factors
+    that do not fit the base's tensors (:func:`gguf_problems`)."""
+    path = Path(adapter_gguf).expanduser()
+    head, base = header.require(path), header.require(base_gguf)
+    label = f"The adapter {name!r} ({path})" if name else f"The LoRA GGUF {path}"
+    fix = (f"Fix: pass the LoRA GGUF made for the base of {Path(base_gguf).name} (`python -m unsloth_nb gguf "
+           "ADAPTER_DIR --quant f16 --out DIR --base BASE_HF_DIR`, or give the adapter folder with --base), or the "
+           "base GGUF the adapter was trained on.")
+    kind, lora_kind = head.values.get("general.type"), head.values.get("adapter.type")
+    if kind != "adapter" or lora_kind != "lora":
+        raise UserError(f"{label} is not a LoRA adapter GGUF (general.type {kind!r}, adapter.type {lora_kind!r}); "
+                        "llama.cpp loads only 'adapter'/'lora' files over a base. Fix: pass a LoRA GGUF (`python -m "
+                        "unsloth_nb gguf ADAPTER_DIR --quant f16 --out DIR`), or serve a model GGUF on its own.")
+    arch, base_arch = head.values.get("general.architecture"), base.values.get("general.architecture")
+    if arch != base_arch:
+        raise UserError(f"{label} is for a {arch!r} model, but the base GGUF {Path(base_gguf).name} is "
+                        f"{base_arch!r}. {fix}")
+    if not isinstance(head.values.get("adapter.lora.alpha"), int | float):
+        raise UserError(f"{label} has no adapter.lora.alpha, which llama.cpp needs. {fix}")
+    problems = gguf_problems(base, [(t.name, t.shape) for t in head.tensors])
+    if problems:
+        raise UserError(f"{label} does not fit the base GGUF {Path(base_gguf).name}: {'; '.join(problems[:3])}. "
+                        f"{fix}")

@@ -24,7 +24,7 @@ import torch
 
 from unsloth_nb import manifest
 from unsloth_nb.errors import UserError
-from unsloth_nb.gguf import header, layout, output, quants, recipes
+from unsloth_nb.gguf import header, imatrix_file, layout, output, quants, recipes
 from unsloth_nb.gguf.layout import GGUFLayout, TensorLayout
 from unsloth_nb.gguf.output import ConvertResult
 
@@ -86,11 +86,15 @@ def _pack_string(text: str) -> bytes:
     return struct.pack("<Q", len(data)) + data
 
 
-def _head(source: _Source, method: recipes.Method, types: list[T]) -> tuple[bytes, list[int]]:
+def _head(source: _Source, method: recipes.Method, types: list[T],
+          extra: dict[str, gguf.GGUFValue] | None = None) -> tuple[bytes, list[int]]:
     """The new file's header (as GGUFWriter would write the source's key/values, architecture first, with
-    ``general.file_type`` set for ``method``, and the new tensor infos) and each tensor's data offset, plus
-    the data section's size as a last entry."""
+    ``general.file_type`` set for ``method``, then the ``extra`` key/values, and the new tensor infos) and each
+    tensor's data offset, plus the data section's size as a last entry."""
     entries = dict(source.entries)
+    for key, value in (extra or {}).items():
+        entries.pop(key, None)
+        entries[key] = _pack_string(key) + layout.pack_value(value.value, value.type)
     arch_key, type_key = gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE
     first = entries.pop(arch_key, None) or (_pack_string(arch_key) + struct.pack("<I", header.STRING)
                                             + _pack_string(source.arch))
@@ -126,30 +130,41 @@ def _out_name(source: Path, method: recipes.Method) -> str:
 
 def requantize(source: str | os.PathLike[str], methods: list[str], out_dir: str | os.PathLike[str], *,
                device: str | None = None, progress: bool = True, check_space: bool = True,
-               overwrite: bool = False) -> list[ConvertResult]:
-    """Write ``out_dir/<name>.<METHOD>.gguf`` for every method from the 16/32-bit GGUF ``source``, in one pass."""
+               overwrite: bool = False, imatrix: str | os.PathLike[str] | None = None) -> list[ConvertResult]:
+    """Write ``out_dir/<name>.<METHOD>.gguf`` for every method from the 16/32-bit GGUF ``source``, in one pass.
+
+    ``imatrix`` (a GGUF or legacy .dat importance matrix) weights the quantizers as ``llama-quantize --imatrix``
+    does, with its type mix and its ``quantize.imatrix.*`` keys."""
     if not methods:
         raise UserError("No GGUF method given. Fix: pass at least one, e.g. --quant q4_k_m.")
     src = Path(source).expanduser()
     reader = _read(src)
+    weights = imatrix_file.load(imatrix) if imatrix is not None else None
     resolved = list({m.name: m for m in (recipes.resolve(x) if isinstance(x, str) else x for x in methods)}.values())
     out = Path(out_dir).expanduser()
     created = output.check_out_dir(out)
     try:
-        return _requantize(reader, src, resolved, out, device, progress, check_space, overwrite)
+        return _requantize(reader, src, resolved, out, device, progress, check_space, overwrite,
+                           weights, None if imatrix is None else Path(imatrix))
     except BaseException:
         output.remove_if_empty(out, created)
         raise
 
 
 def _requantize(reader: _Source, src: Path, resolved: list[recipes.Method], out: Path, device: str | None,
-                progress: bool, check_space: bool, overwrite: bool) -> list[ConvertResult]:
+                progress: bool, check_space: bool, overwrite: bool, imatrix: imatrix_file.Imatrix | None,
+                imatrix_path: Path | None) -> list[ConvertResult]:
     shape = _model_shape(reader)
     started = time.perf_counter()
-    types = [[recipes.tensor_type(m, t.name, t.shape, shape) for t in reader.tensors] for m in resolved]
+    with_imatrix = imatrix is not None
+    types = [[recipes.tensor_type(m, t.name, t.shape, shape, with_imatrix) for t in reader.tensors]
+             for m in resolved]
+    weights = [[imatrix.for_tensor(t.name, qtype, t.shape) if imatrix is not None else None
+                for t, qtype in zip(reader.tensors, mtypes, strict=True)] for mtypes in types]
+    extra = imatrix.quantize_metadata(str(imatrix_path)) if imatrix is not None else None
     heads, layouts = [], []
     for m, mtypes in zip(resolved, types, strict=True):
-        head, offsets = _head(reader, m, mtypes)
+        head, offsets = _head(reader, m, mtypes, extra if m.quantized else None)
         data = layout.aligned(len(head))
         tensors = tuple(TensorLayout(t.name, t.shape, qtype, layout.nbytes(t.shape, qtype), data + offset, 0)
                         for t, qtype, offset in zip(reader.tensors, mtypes, offsets[:-1], strict=True))
@@ -158,7 +173,8 @@ def _requantize(reader: _Source, src: Path, resolved: list[recipes.Method], out:
         heads.append(head)
         layouts.append(GGUFLayout(m.name, name, end, data, tensors, ((name, end),)))
     finals = [out / lay.file_name for lay in layouts]
-    inputs = [manifest.fingerprint([src], method=m.name, source="gguf") for m in resolved]
+    sources = [src] if imatrix_path is None else [src, imatrix_path]
+    inputs = [manifest.fingerprint(sources, method=m.name, source="gguf") for m in resolved]
     done = output.reusable([[f] for f in finals], inputs, out, overwrite)
     todo = [i for i in range(len(resolved)) if not done[i]]
     output.remove_stale(out, [finals[i] for i in todo])
@@ -169,7 +185,7 @@ def _requantize(reader: _Source, src: Path, resolved: list[recipes.Method], out:
     temps = {i: output.temporary(finals[i]) for i in todo}
     try:
         if todo:
-            digests = _write(reader, {i: (temps[i], heads[i], types[i]) for i in todo}, device, progress)
+            digests = _write(reader, {i: (temps[i], heads[i], types[i], weights[i]) for i in todo}, device, progress)
             for i in todo:
                 output.commit(out, [finals[i]], [temps[i]], layouts[i], [heads[i]], [digests[i]], inputs[i])
     except OSError as exc:
@@ -182,7 +198,8 @@ def _requantize(reader: _Source, src: Path, resolved: list[recipes.Method], out:
                           len(reader.tensors), (finals[i],), reused=done[i]) for i, m in enumerate(resolved)]
 
 
-def _write(reader: _Source, jobs: dict[int, tuple[Path, bytes, list[T]]], device: str | None,
+def _write(reader: _Source, jobs: dict[int, tuple[Path, bytes, list[T], list[np.ndarray | None]]],
+           device: str | None,
            progress: bool) -> dict[int, str]:
     """Stream every source tensor once into all the files; returns each file's sha256."""
     bar = None
@@ -201,7 +218,7 @@ def _write(reader: _Source, jobs: dict[int, tuple[Path, bytes, list[T]]], device
             for rows in layout.row_chunks(t.shape, chunk):
                 x = _rows(data, reader.data + t.offset, t, rows)
                 for n, i in enumerate(order):
-                    data_bytes = np.ascontiguousarray(quants.encode(x, jobs[i][2][k], device))
+                    data_bytes = np.ascontiguousarray(quants.encode(x, jobs[i][2][k], device, weights=jobs[i][3][k]))
                     files.write(n, 0, memoryview(data_bytes).cast("B"))
                 if bar is not None:
                     bar.update(x.numel())
