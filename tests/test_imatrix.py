@@ -199,8 +199,12 @@ def test_expert_weights_follow_llama_quantize(work: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ quantizing
 
-IMATRIX_METHODS = ("q2_k", "q3_k_m", "q4_k_m", "q5_k_s", "q6_k", "iq4_nl", "iq4_xs", "q4_0", "q5_1")
+IMATRIX_METHODS = ("q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs", "q4_0", "q5_1")
 """Every quantizer that takes weights, and the methods whose type mix an imatrix changes (IQ4, Q4_0, Q5_x)."""
+
+
+REAL_METHODS = ("q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs")
+"""The acceptance list of methods, on the real model."""
 
 
 def same_as_llama_quantize(ours: Path, theirs: Path) -> float:
@@ -259,15 +263,15 @@ def test_quantizing_with_our_imatrix_gives_llama_quantizes_files(llama3_dir: Pat
 
 
 def test_quantizing_smollm2_with_its_imatrix_gives_llama_quantizes_files(text_file: Path, work: Path) -> None:
-    """SmolLM2-135M with an imatrix we collected from text: Q4_K_M, Q3_K_M and IQ4_XS from the HF folder, and
-    Q4_K_M re-quantized from its BF16 GGUF with the legacy .dat form (read as llama-quantize reads it), equal
-    llama-quantize --imatrix's types, keys and at least 99.9% of its blocks."""
+    """SmolLM2-135M with an imatrix we collected from text: Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, IQ4_NL and IQ4_XS
+    from the HF folder, and Q4_K_M re-quantized from its BF16 GGUF with the legacy .dat form (read as
+    llama-quantize reads it), equal llama-quantize --imatrix's types, keys and at least 99.9% of its blocks."""
     folder = fixtures.build_real_model("smollm2")
     bf16 = convert.convert(folder, ["bf16"], work / "smollm2-q", progress=False)[0].path
     collected = imatrix.collect(folder, text_file, ctx=128, chunks=16, progress=False)
     for path in (collected.save(work / "smollm2-q" / "smollm2.imatrix.gguf"),
                  collected.save(work / "smollm2-q" / "smollm2.imatrix.dat", format="dat")):
-        routes = (("q4_k_m", "q3_k_m", "iq4_xs"), ()) if path.suffix == ".gguf" else ((), ("q4_k_m",))
+        routes = (REAL_METHODS, ()) if path.suffix == ".gguf" else ((), ("q4_k_m",))
         shares = quantize_both_ways(folder, bf16, path, *routes, work / "smollm2-q" / path.suffix[1:])
         print(f"\nSmolLM2 ({path.name}), identical blocks:", {k: f"{v:.4%}" for k, v in shares.items()})
         assert len(shares) == len(routes[0] + routes[1]) and min(shares.values()) >= 0.999, shares
@@ -364,3 +368,56 @@ def test_damaged_imatrix_files_are_user_errors_naming_them(ours: Path, tiny_gguf
         imatrix.load(tiny_gguf)
     with pytest.raises(UserError, match="does not exist"):
         imatrix.load(tmp_path / "nothing.gguf")
+
+
+# ---------------------------------------------------------------------------------------------- notebook path
+
+
+def test_calibrate_reuses_its_file_and_leaves_others_alone(llama3_dir: Path, tmp_path: Path) -> None:
+    """The notebooks' step: a re-run with the same inputs returns the file untouched; other inputs rewrite our own
+    file; a file we did not write is refused."""
+    rows = [{"messages": [{"role": "user", "content": "What is the capital of France?"},
+                          {"role": "assistant", "content": "The capital of France is Paris."}]}] * 4
+    out = tmp_path / "imatrix.gguf"
+    first = imatrix.calibrate(llama3_dir, rows, out, ctx=32, progress=False)
+    stamp = first.stat().st_mtime_ns
+    assert imatrix.calibrate(llama3_dir, rows, out, ctx=32, progress=False).stat().st_mtime_ns == stamp
+    assert imatrix.calibrate(llama3_dir, rows, out, ctx=16, progress=False).stat().st_mtime_ns != stamp
+    assert imatrix.load(out).chunk_size == 16
+    foreign = tmp_path / "mine.gguf"
+    foreign.write_bytes(b"my own file")
+    with pytest.raises(UserError, match="did not write it"):
+        imatrix.calibrate(llama3_dir, rows, foreign, ctx=32, progress=False)
+    assert foreign.read_bytes() == b"my own file"
+
+
+def test_gain_shows_the_imatrix_lowering_the_weighted_error(llama3_dir: Path, ours: Path) -> None:
+    """Per low-bit method, the layer output error with the imatrix is below the error without; 16-bit and Q8_0
+    are left out (they take no weights)."""
+    gains = imatrix.gain(llama3_dir, ours, ["q4_k_m", "iq4_xs", "q2_k", "q8_0", "bf16"], device="cpu")
+    assert [g.method for g in gains] == ["q4_k_m", "iq4_xs", "q2_k"]
+    for g in gains:
+        assert 0 < g.error_with < g.error, g
+        assert 2 < g.bits_per_weight < 6, g
+
+
+def test_plan_picker_and_model_card_know_the_imatrix(llama3_dir: Path, ours: Path, tmp_path: Path) -> None:
+    """The plan counts the imatrix's memory and time; the picker ticks it for 4 bits and below only; the model
+    card and Modelfile say how each file was calibrated."""
+    from unsloth_nb import modelfile, plan, widgets
+
+    made = plan.make_plan(llama3_dir, ["q4_k_m"], tmp_path / "gguf", imatrix_tokens=50_000)
+    step = made.steps[0]
+    assert step.name.startswith("imatrix (50,000 tokens") and step.ram > 0 and step.seconds > 0
+    assert "takes" in str(made)
+    assert widgets.QuantPicker(llama3_dir, tmp_path / "gguf", ["q4_k_m"], imatrix=ours).imatrix == ours
+    assert widgets.QuantPicker(llama3_dir, tmp_path / "gguf", ["q8_0"], imatrix=ours).imatrix is None
+    assert widgets.QuantPicker(llama3_dir, tmp_path / "gguf", ["q4_k_m"]).imatrix is None
+    files = convert.convert(llama3_dir, ["q4_k_m", "q8_0"], tmp_path / "gguf", imatrix=ours, progress=False)
+    modelfile.write_modelfile(files[0].path, llama3_dir)
+    card = (tmp_path / "gguf" / "README.md").read_text()
+    rows = {line.split("`")[1]: line for line in card.splitlines() if line.startswith("| `")}
+    chunks = imatrix.load(ours).chunk_count
+    assert rows[files[0].path.name].endswith(f"| importance matrix from calibration.txt ({chunks} chunks) |"), rows
+    assert rows[files[1].path.name].endswith("| none (this type takes no importance matrix) |"), rows
+    assert "# quantized with an importance matrix from calibration.txt" in (tmp_path / "gguf" / "Modelfile").read_text()

@@ -160,6 +160,12 @@ def serve_cell_text(nb: nbformat.NotebookNode) -> str:
     return "".join(parts)
 
 
+def cell_text(nb: nbformat.NotebookNode, needle: str) -> str:
+    """The text output of the code cell whose source contains ``needle``."""
+    cell = next(c for c in code_cells(nb) if needle in c.source)
+    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+
+
 def serve_cell_lines(nb: nbformat.NotebookNode) -> int:
     return len([line for line in serve_cell_text(nb).splitlines() if line.strip()])
 
@@ -173,7 +179,7 @@ def hosted_env_removed(monkeypatch):
 
 
 CASES = {
-    "01_finetune_to_gguf_colab": {"MODEL": "fixture:llama3", "MAX_STEPS": 1, "QUANTS": ["q8_0"],
+    "01_finetune_to_gguf_colab": {"MODEL": "fixture:llama3", "MAX_STEPS": 1, "QUANTS": ["q4_k_m"],
                                   "SERVE_ENGINE": "llama.cpp"},
     "02_kaggle_20gb": {"MODEL": "fixture:llama3", "MAX_STEPS": 1, "QUANTS": ["q8_0"], "SERVE_ENGINE": "llama.cpp"},
     "03_gguf_and_serving_only": {"MODEL": "fixture:llama3", "QUANTS": ["q8_0"]},
@@ -207,6 +213,16 @@ def test_notebook_runs_end_to_end_on_the_fixture(path, tmp_path, hosted_env_remo
     if path.stem != "03_gguf_and_serving_only":
         assert (out / "adapter" / "adapter_model.safetensors").is_file()
         assert (out / "merged" / "config.json").is_file()
+        assert (out / "imatrix.gguf").is_file(), "the imatrix is computed right after training"
+        compared = cell_text(nb, "widgets.compare_adapters(")
+        assert "adapter " in compared and "Q: " in compared, compared  # base and adapter answered side by side
+        card = (out / "gguf" / "README.md").read_text()
+        low_bit = any(m in ("q4_k_m", "q3_k_m", "q2_k", "iq4_xs") for m in params["QUANTS"])
+        fields = gguf.GGUFReader(state["files"][0]).fields
+        assert ("quantize.imatrix.file" in fields) == low_bit, "the picker ticks the imatrix for 4 bits and below"
+        assert ("importance matrix from" in card) == low_bit, card
+        gains = cell_text(nb, "widgets.imatrix_gain(")
+        assert ("with the imatrix" in gains) == low_bit, gains  # the per-method error, without and with
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,6 +155,28 @@ def file_ref(target: str | os.PathLike[str], folder: str | os.PathLike[str]) -> 
     return f"./{path.name}" if path.resolve().parent == Path(folder).resolve() else str(path.resolve())
 
 
+UNWEIGHTED_FILE_TYPES = (0, 1, 7, 32)
+"""general.file_type of F32, F16, Q8_0 and BF16 files, whose quantizers use no importance matrix."""
+
+
+def calibration(gguf_path: str | os.PathLike[str]) -> str:
+    """How a GGUF's quantizers were calibrated, from the ``quantize.imatrix.*`` keys llama-quantize (and our
+    converter) write: the importance matrix's data and chunk count, or "none" for a file made without one."""
+    from unsloth_nb.gguf import header
+
+    try:
+        values = header.read(Path(gguf_path), tensors=False).values
+    except (OSError, ValueError, EOFError, struct.error):
+        return "unknown"
+    if "quantize.imatrix.file" not in values:
+        return "none"
+    if values.get("general.file_type") in UNWEIGHTED_FILE_TYPES:  # llama-quantize records the keys all the same
+        return "none (this type takes no importance matrix)"
+    data = values.get("quantize.imatrix.dataset") or values["quantize.imatrix.file"]
+    chunks = values.get("quantize.imatrix.chunks_count")
+    return f"importance matrix from {Path(str(data)).name}" + (f" ({chunks} chunks)" if chunks else "")
+
+
 def modelfile_text(gguf_path: str | os.PathLike[str], info: TokenizerInfo,
                    adapter_path: str | os.PathLike[str] | None = None) -> str:
     """The Ollama Modelfile for a GGUF (FROM the file next to it, TEMPLATE, stop tokens, sampling). With
@@ -162,7 +185,11 @@ def modelfile_text(gguf_path: str | os.PathLike[str], info: TokenizerInfo,
     family_key = detect_family(info.chat_template)
     lines = [f"# Ollama Modelfile {MARKER}. Use: ollama create NAME -f Modelfile && ollama run NAME"]
     if adapter_path is None:
-        lines += [f"FROM ./{Path(gguf_path).name}", ""]
+        lines += [f"FROM ./{Path(gguf_path).name}"]
+        calibrated = calibration(gguf_path)
+        if calibrated.startswith("importance matrix"):
+            lines.append(f"# quantized with an {calibrated}: llama.cpp's imatrix, computed on the fine-tune")
+        lines.append("")
     else:
         folder = Path(adapter_path).parent
         lines += ["# the base GGUF the adapter was trained for (change this line if the base file moves), then the",
@@ -194,16 +221,19 @@ def modelfile_text(gguf_path: str | os.PathLike[str], info: TokenizerInfo,
 def readme_text(gguf_paths: list[Path], tokenizer_dir: Path, name: str) -> str:
     """A model card with the exact commands to run the files with llama.cpp, vLLM and Ollama."""
     first = gguf_paths[0].name
-    files = "\n".join(f"| `{p.name}` | {p.stat().st_size / 1e9:.2f} GB |" for p in gguf_paths)
+    files = "\n".join(f"| `{p.name}` | {p.stat().st_size / 1e9:.2f} GB | {calibration(p)} |" for p in gguf_paths)
     merged = shlex.quote(str(tokenizer_dir))
     return f"""<!-- {MARKER} -->
 # {name}
 
 GGUF files of a fine-tuned model, with the commands to serve them.
 
-| file | size |
-| --- | --- |
+| file | size | calibration |
+| --- | --- | --- |
 {files}
+
+"Calibration" is the importance matrix the quantizers weighed their rounding error with (llama.cpp's imatrix,
+computed from the fine-tune's own training data by `python -m unsloth_nb imatrix`), or none.
 
 ## llama.cpp
 

@@ -44,6 +44,13 @@ CHECKPOINTS_AT_ONCE = 3
 """The trainer keeps 2 checkpoints and writes the next before deleting the oldest: 3 exist at the peak."""
 
 DEFAULT_OUT = "unsloth_nb_out"
+IMATRIX_CPU_FLOPS_PER_CORE = 2e10
+"""Float32 forward-pass throughput per CPU core that the imatrix estimate assumes (transformers on AVX2)."""
+IMATRIX_GPU_FLOPS = 1.5e13
+"""bf16/fp16 forward-pass throughput the imatrix estimate assumes on a GPU (a T4 reaches about this)."""
+IMATRIX_ACTIVATION_BYTES = 64
+"""Bytes per token per hidden unit one forward pass of the imatrix holds at its peak (the widest layer's input
+and output, the attention's, the hooks' float32 squares)."""
 """Folder name for outputs when the user did not choose one."""
 
 @dataclass(frozen=True)
@@ -137,6 +144,8 @@ class Step:
     """True when ``disk`` is the exact size (the converter's layout), False for an estimate."""
     fits: bool = True
     """Whether the step's RAM and its share of the disk fit, with every earlier output still present."""
+    seconds: float = 0.0
+    """Estimated duration where one is known (the imatrix's forward passes), else 0."""
 
 
 @dataclass
@@ -192,12 +201,15 @@ class Plan:
     def rows(self) -> list[list[str]]:
         """Table rows (header first), shared by the text and HTML renderings."""
         gpu = bool(self.runtime.gpus)
-        head = ["step", "needs RAM"] + (["needs VRAM"] if gpu else []) + ["needs disk", "where", "fits?"]
+        timed = any(s.seconds for s in self.steps)
+        head = (["step", "needs RAM"] + (["needs VRAM"] if gpu else []) + ["needs disk"] + (["takes"] if timed else [])
+                + ["where", "fits?"])
         rows = [head]
         for s in self.steps:
             disk = gb(s.disk) if s.exact else f"~{gb(s.disk)}"
             vram = [gb(s.vram) if s.vram else "-"] if gpu else []
-            rows.append([s.name, gb(s.ram), *vram, disk, str(s.where), "yes" if s.fits else "NO"])
+            took = [_duration(s.seconds) if s.seconds else "-"] if timed else []
+            rows.append([s.name, gb(s.ram), *vram, disk, *took, str(s.where), "yes" if s.fits else "NO"])
         return rows
 
     def _header(self) -> list[str]:
@@ -428,11 +440,13 @@ def make_plan(
     merged_out: str | os.PathLike | None = None,
     runtime: Runtime | None = None,
     device: str | None = None,
+    imatrix_tokens: int | None = None,
 ) -> Plan:
     """Plan merge (when an adapter is given and not ``fused``) and GGUF conversion for each method.
 
     ``out`` holds the GGUF files (default: placed by platform); the merged copy goes to ``merged_out``
     (default ``out/merged``). ``methods`` may be empty to plan a merge alone. ``device`` "cpu" plans no VRAM.
+    ``imatrix_tokens`` plans an importance matrix over that many tokens of data first (its memory and time).
     Reads only headers and writes nothing."""
     rt = runtime or detect()
     base = size_model(model)
@@ -449,6 +463,8 @@ def make_plan(
         plan = Plan(base, rt, list(chosen), folder, Path(adapter) if adapter else None,
                     use_fused and lora is not None)
         plan.steps = _steps(base, lora, chosen, sizes, plan.fused, folder, merged, gpu)
+        if imatrix_tokens:
+            plan.steps.insert(0, imatrix_step(base, imatrix_tokens, folder / "imatrix.gguf", rt, gpu))
         _check(plan)
         return plan
 
@@ -465,6 +481,10 @@ def make_plan(
                                  f"they go to {plan.out_dir} instead.")
     if not rt.is_kept(plan.out_dir):
         plan.warnings.append(_not_kept(rt, plan.out_dir))
+    if plan.fused:
+        plan.warnings.append(f"there is no merged copy to serve with vLLM: serve the base with the adapter as an "
+                             f"adapter (`python -m unsloth_nb serve {base.path} --adapter adapter={adapter}`), "
+                             "or the GGUF with llama.cpp.")
     if not plan.fits:
         plan.fixes = _alternatives(plan, build, plan.out_dir, sizes)
         plan.fixes += _elsewhere(plan, build)
@@ -477,6 +497,30 @@ def make_plan(
             if offers:
                 plan.warnings.append(f"to keep the outputs in {kept}: " + "; or ".join(offers) + ".")
     return plan
+
+
+def imatrix_step(base: ModelSize, tokens: int, where: Path, rt: Runtime, gpu: bool) -> Step:
+    """The importance matrix over ``tokens`` tokens: the model in float32 on the CPU (bf16/fp16 on the GPU, where
+    RAM holds one 16-bit shard while it loads), one forward pass's activations, and a time from the forward
+    passes' FLOPs (2 per weight per token); the file holds one float per input column of every matrix."""
+    from unsloth_nb.gguf import imatrix
+
+    hidden = base.config.get("hidden_size") or 4096
+    per_pass = imatrix.CUDA_TOKENS_PER_FORWARD if gpu else imatrix.TOKENS_PER_FORWARD
+    activations = per_pass * int(hidden) * IMATRIX_ACTIVATION_BYTES
+    tensors, _ = _gguf_tensors(base)
+    disk = sum(4 * (dims[-1] + 1) for name, dims, _ in tensors if name.startswith("blk.") and len(dims) == 2)
+    flops = 2 * base.n_params * tokens
+    if gpu:
+        return Step(f"imatrix ({tokens:,} tokens, GPU)", runtime.BASE_RAM + base.largest.nbytes, disk + 4096, where,
+                    vram=base.n_params * 2 + activations, seconds=flops / IMATRIX_GPU_FLOPS)
+    ram = runtime.BASE_RAM + base.n_params * 4 + activations
+    return Step(f"imatrix ({tokens:,} tokens, CPU)", ram, disk + 4096, where,
+                seconds=flops / (IMATRIX_CPU_FLOPS_PER_CORE * max(1, rt.cpu_count)))
+
+
+def _duration(seconds: float) -> str:
+    return f"~{seconds:.0f} s" if seconds < 90 else f"~{seconds / 60:.0f} min"
 
 
 def lora_params(model: ModelSize, r: int, targets: tuple[str, ...] | list[str]) -> int:
@@ -608,6 +652,9 @@ def _alternatives(plan: Plan, build, folder: Path, sizes: dict[str, tuple[int, b
         saved = sum(s.disk for s in plan.steps if s.name.startswith("merge"))
         offers.append(f"use the fused LoRA->GGUF path (the `gguf` command with --adapter: no merged copy, "
                       f"{gb(saved)} less), which fits in {folder}")
+        offers.append(f"serve it without a merged copy: vLLM serves the base with the adapter as an adapter "
+                      f"(`python -m unsloth_nb serve {plan.model.path} --adapter adapter={plan.adapter}`, "
+                      "serve(base, adapters={'adapter': ADAPTER_DIR}) in a notebook)")
     if len(plan.methods) > 1:
         keep: list[str] = []
         for m in sorted(plan.methods, key=lambda m: sizes[m][0]):

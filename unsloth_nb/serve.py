@@ -598,6 +598,21 @@ def check_vllm_adapter(name: str, adapter_dir: str | os.PathLike[str],
     return adapter, rank
 
 
+def find_adapters(folder: str | os.PathLike[str]) -> dict[str, Path]:
+    """name -> folder for every LoRA adapter folder below ``folder`` (train's outputs: the new one and any
+    earlier ones), named by their path under it ("adapter", "runs/customer-a"); checkpoints are left out."""
+    root = Path(folder).expanduser()
+    found = {}
+    for config in sorted(root.rglob("adapter_config.json")):
+        where = config.parent
+        if ".checkpoints" in str(where.relative_to(root)) or "checkpoint-" in where.name:
+            continue
+        if checkpoint.is_adapter(where):
+            name = where.relative_to(root).as_posix() if where != root else where.name
+            found[re.sub(r"[^\w.:/-]", "-", name)] = where
+    return found
+
+
 def prepare_llamacpp_adapters(base_gguf: str | os.PathLike[str], adapters: Mapping[str, str | os.PathLike[str]],
                               out_dir: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None,
                               progress: bool = False) -> dict[str, Path]:

@@ -109,16 +109,25 @@ def _stamp(folder: Path) -> tuple:
     return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()))
 
 
+LOW_BIT_METHODS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_0", "iq4_nl", "iq4_xs", "q4_k_s", "q4_k_m")
+"""Methods of 4 bits or fewer per weight, where an importance matrix matters most (it is on by default)."""
+
+
 class QuantPicker:
     """Choose GGUF methods for one model with each file's size and whether it fits ``out_dir``.
 
     ``selected`` is a plain list of method names for the next cell. With an ``adapter``, the merged 16-bit
     copy counts against the disk unless ``fused`` is on (GGUF straight from base + adapter); the fused path
     is switched on by default when the merged copy and the selection do not fit but the selection alone does.
+
+    With an ``imatrix`` file (computed from the training data), ``use_imatrix`` says whether the quantized files
+    are calibrated with it; it starts on when a method of 4 bits or fewer is selected, where it matters most, and
+    ``imatrix`` is then the file to pass on (else None).
     """
 
     def __init__(self, model: str | os.PathLike, out_dir: str | os.PathLike, selected: Iterable[str] = ("q4_k_m",),
-                 *, adapter: str | os.PathLike | None = None, runtime: Runtime | None = None) -> None:
+                 *, adapter: str | os.PathLike | None = None, runtime: Runtime | None = None,
+                 imatrix: str | os.PathLike | None = None) -> None:
         from unsloth_nb import plan
         from unsloth_nb.gguf import recipes
 
@@ -135,8 +144,15 @@ class QuantPicker:
         self.free = self.runtime.free_disk(self.out_dir)
         self.selected: list[str] = plan.parse_methods(list(selected))
         self.fused = bool(self.adapter) and not self._fits(self.selected, False) and self._fits(self.selected, True)
+        self.imatrix_file = Path(imatrix) if imatrix else None
+        self.use_imatrix = self.imatrix_file is not None and any(m in LOW_BIT_METHODS for m in self.selected)
         self._widget: Any = None
         self._syncing = False
+
+    @property
+    def imatrix(self) -> Path | None:
+        """The importance matrix to quantize with (``convert(..., imatrix=picker.imatrix)``), or None."""
+        return self.imatrix_file if self.use_imatrix else None
 
     def _fits(self, methods: list[str], fused: bool) -> bool:
         extra = 0 if fused else self.merged_bytes
@@ -198,6 +214,9 @@ class QuantPicker:
             lines.append(f"[{mark}] {r.name:<7} {size:>9}  {'fits' if r.fits else 'too big'}  {r.description}")
         if self.adapter:
             lines.append(f"fused (no merged copy): {'yes' if self.fused else 'no'}")
+        if self.imatrix_file is not None:
+            lines.append(f"calibrated with the importance matrix {self.imatrix_file.name}: "
+                         f"{'yes' if self.use_imatrix else 'no'}")
         lines.append(self.summary())
         if self.advice():
             lines.append(self.advice())
@@ -225,10 +244,14 @@ class QuantPicker:
             rows.append(w.HBox([box, self.size_labels[r.name], w.HTML(html.escape(r.description))]))
         self.fused_box = w.Checkbox(value=self.fused, description="fused: GGUF straight from base + adapter")
         self.fused_box.observe(self._on_change, names="value")
+        self.imatrix_box = w.Checkbox(value=self.use_imatrix,
+                                      description="calibrate the quantized files with your data's importance matrix")
+        self.imatrix_box.observe(self._on_change, names="value")
         self.total_label = w.HTML()
         header = w.HTML(f"<b>GGUF methods for {html.escape(self.model_dir.name)}</b> &rarr; "
                         f"{html.escape(str(self.out_dir))} ({gb(self.free)} free)")
-        parts = [header, *rows] + ([self.fused_box] if self.adapter else []) + [self.total_label]
+        parts = ([header, *rows] + ([self.fused_box] if self.adapter else [])
+                 + ([self.imatrix_box] if self.imatrix_file is not None else []) + [self.total_label])
         self._widget = w.VBox(parts)
         self._refresh()
 
@@ -237,6 +260,7 @@ class QuantPicker:
             return
         self.selected = [name for name, box in self.checkboxes.items() if box.value]
         self.fused = bool(self.adapter) and self.fused_box.value
+        self.use_imatrix = self.imatrix_file is not None and self.imatrix_box.value
         self._refresh()
 
     def _refresh(self) -> None:
@@ -501,6 +525,62 @@ class ChatBox:
 
 
 # ------------------------------------------------------------------------------------------ sharing results
+
+
+def compare_adapters(model_dir: str | os.PathLike, out_dir: str | os.PathLike, question: str, *,
+                     engine: str = "vllm", max_tokens: int = 48, runtime: Runtime | None = None) -> dict[str, str]:
+    """Serve the base model with every adapter found under ``out_dir`` (``serve.find_adapters``) as adapters, on
+    one server with no merged copy, ask each model (the base too) ``question``, print the answers side by side and
+    stop the server; returns model name -> answer.
+
+    vLLM serves the base's HF folder; llama.cpp needs a base GGUF, so a Q8_0 of the base is written (once) under
+    ``out_dir/base-gguf`` and each adapter is converted to a LoRA GGUF next to the server's log."""
+    from unsloth_nb import serve
+
+    out = Path(out_dir)
+    adapters = serve.find_adapters(out)
+    if not adapters:
+        raise UserError(f"No LoRA adapter folder under {out}. Fix: train one first (the train step writes "
+                        f"{out / 'adapter'}).")
+    base: Path = Path(model_dir)
+    if engine == "llama.cpp":
+        from unsloth_nb.gguf import convert
+
+        base = convert.convert(model_dir, ["q8_0"], out / "base-gguf", progress=False)[0].path
+    server = serve.serve(base, engine=engine, adapters=adapters, base=model_dir if engine == "llama.cpp" else None,
+                         log_dir=out, runtime=runtime, show_log=False)
+    try:
+        answers = {name: server.chat(question, max_tokens=max_tokens, model=name) for name in server.models}
+    finally:
+        server.stop()
+    width = max(len(n) for n in answers)
+    print(f"Q: {question}")
+    for name, answer in answers.items():
+        print(f"{name:<{width}}  {' '.join(answer.split())}")
+    return answers
+
+
+def imatrix_gain(gains: Iterable[Any]) -> Any:
+    """Plot, per method, the layer output error on your data against bits per weight, without and with the
+    importance matrix (``imatrix.gain``), and print the numbers; returns the figure."""
+    import matplotlib.pyplot as plt
+
+    gains = list(gains)
+    for g in gains:
+        print(f"{g.method:<7} {g.bits_per_weight:4.2f} bits/weight  error {g.error:.2e} -> {g.error_with:.2e} "
+              f"with the imatrix ({g.reduction:.0%} lower)")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = [g.bits_per_weight for g in gains]
+    ax.plot(x, [g.error for g in gains], "o", color=RED, label="without imatrix")
+    ax.plot(x, [g.error_with for g in gains], "o", color=GREEN, label="with your data's imatrix")
+    for g in gains:
+        ax.annotate(g.method, (g.bits_per_weight, g.error), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("bits per weight")
+    ax.set_ylabel("layer output error on your data")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    return fig
 
 
 def share_hints(files: Iterable[Any], repo: str = "", runtime: Runtime | None = None) -> list[str]:
