@@ -2,7 +2,11 @@
 
 Peak memory is the larger of the process's own high-water mark (ru_maxrss) and the peak sum of proportional
 set sizes (PSS) over the process and its children, sampled every 0.5 s, so that work done in worker
-processes (the GGUF converter forks some) is counted once and in full."""
+processes (the GGUF converter forks some) is counted once and in full.
+
+On Linux a child's ru_maxrss starts at its parent's high-water mark (exec carries the old memory's mark over),
+so a benchmark that built a fixture in-process would report its own size for every step. The step therefore
+runs under a small launcher process, which starts it and hands back the step's own ru_maxrss."""
 
 from __future__ import annotations
 
@@ -63,9 +67,25 @@ def _pss_kb(pid: int) -> int:
     return 0
 
 
+LAUNCHER = """
+import os, sys
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+"""Starts the step (argv[2:]) and writes its own ru_maxrss (KiB) to argv[1]: its high-water mark begins at this
+small launcher's, not at the benchmark's."""
+
+
 def _run(label: str, argv: list[str], env: dict[str, str] | None) -> Measurement:
+    import tempfile
+
+    report = tempfile.NamedTemporaryFile(prefix="maxrss-", delete=False)
+    report.close()
     started = time.perf_counter()
-    proc = subprocess.Popen(argv, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, report.name, *argv], env={**os.environ, **(env or {})})
     peak_pss = [0]
     done = threading.Event()
 
@@ -75,21 +95,21 @@ def _run(label: str, argv: list[str], env: dict[str, str] | None) -> Measurement
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    _, status, usage = os.wait4(proc.pid, 0)
+    _, status, _ = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - started
     done.set()
     sampler.join()
     returncode = os.waitstatus_to_exitcode(status)
+    with open(report.name) as f:
+        own = int(f.read() or 0)
+    os.unlink(report.name)
     if returncode != 0:
         raise SystemExit(f"{label} failed with exit status {returncode}")
-    return Measurement(label, seconds, max(usage.ru_maxrss, peak_pss[0]) / 1024, returncode)
+    return Measurement(label, seconds, max(own, peak_pss[0]) / 1024, returncode)
 
 
 def measure(label: str, code: str, env: dict[str, str] | None = None) -> Measurement:
-    """Run ``python -c code`` and report wall time and peak memory (see the module docstring).
-
-    The child's high-water mark includes the parent's resident memory at fork time, so keep the calling
-    process small (do heavy work such as planning in a child too)."""
+    """Run ``python -c code`` and report wall time and peak memory (see the module docstring)."""
     return _run(label, [sys.executable, "-c", code], env)
 
 

@@ -277,6 +277,22 @@ def test_quantizing_smollm2_with_its_imatrix_gives_llama_quantizes_files(text_fi
         assert len(shares) == len(routes[0] + routes[1]) and min(shares.values()) >= 0.999, shares
 
 
+def test_fused_adapter_with_an_imatrix_equals_merge_then_convert(llama3_dir: Path, ours: Path, tmp_path: Path) -> None:
+    """``gguf BASE --adapter A --imatrix F``: the same tensors (types and bytes) as merging first and converting the
+    merged folder with the same imatrix."""
+    from unsloth_nb.merge import merge
+
+    adapter = make_adapter(llama3_dir, tmp_path / "adapter")
+    merged = merge(llama3_dir, adapter, tmp_path / "merged").out_dir
+    methods = ["q4_k_m", "iq4_xs"]
+    fused = convert.convert(llama3_dir, methods, tmp_path / "fused", adapter=adapter, imatrix=ours, progress=False)
+    plain = convert.convert(merged, methods, tmp_path / "plain", imatrix=ours, progress=False)
+    for a, b in zip(fused, plain, strict=True):
+        assert [(t.name, t.tensor_type, t.data.tobytes()) for t in gguf.GGUFReader(a.path).tensors] == [
+            (t.name, t.tensor_type, t.data.tobytes()) for t in gguf.GGUFReader(b.path).tensors]
+        assert "quantize.imatrix.file" in gguf.GGUFReader(a.path).fields
+
+
 def test_an_imatrix_of_another_model_is_refused(llama3_dir: Path, ours: Path, tmp_path: Path) -> None:
     """An entry of another width (an imatrix of a wider model under the same names): a UserError naming it, as
     llama-quantize refuses it, and no file written."""
