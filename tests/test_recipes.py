@@ -28,8 +28,9 @@ from unsloth_nb.gguf import llamacpp, quants, recipes
 
 
 def test_methods_in_display_order() -> None:
-    assert list(recipes.METHODS) == ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_0", "q4_k_s", "q4_k_m", "q5_0",
-                                     "q5_1", "q5_k_s", "q5_k_m", "q6_k", "q8_0", "bf16", "f16", "f32"]
+    assert list(recipes.METHODS) == ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_0", "iq4_xs", "iq4_nl", "q4_k_s",
+                                     "q4_k_m", "q5_0", "q5_1", "q5_k_s", "q5_k_m", "q6_k", "q8_0", "bf16", "f16",
+                                     "f32"]
     for method in recipes.METHODS.values():
         assert method.description and method.label == method.name.upper()
 

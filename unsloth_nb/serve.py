@@ -1122,8 +1122,8 @@ def serve(model: str | os.PathLike[str], engine: str | None = None, port: int | 
     if engine == "llama.cpp":
         from unsloth_nb.gguf import llamacpp
 
+        llamacpp.require_safe_build()  # before anything else: an unsafe build would crash on any file
         header.require(path)
-        llamacpp.require_safe_build()
     name = model_name(path)
     folder = Path(log_dir) if log_dir else Path(tempfile.gettempdir()) / "unsloth_nb-serve"
     named = check_adapter_names(name, adapters or {})
