@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,18 +85,28 @@ def build_model(kind: str, shape: str = "tiny", seed: int = 0) -> Path:
         raise ValueError(f"unknown fixture shape {shape!r}; choose one of {', '.join(SHAPES)}")
     root = llamacpp.cache_dir() / "fixtures"
     dest = root / f"{kind}-{shape}-s{seed}-v{FIXTURE_VERSION}"
+
+    def fill(tmp: Path) -> None:
+        for item in build_tokenizer(kind).iterdir():
+            shutil.copy2(item, tmp / item.name)
+        _write_config(kind, shape, tmp)
+        _write_weights(kind, shape, seed, tmp)
+
+    return _cached_folder(dest, fill)
+
+
+def _cached_folder(dest: Path, fill: Callable[[Path], None]) -> Path:
+    """``dest``, built once by ``fill(tmp)`` into a temporary folder beside it and renamed into place, under a
+    lock (parallel test workers wait for the first); ``.complete`` marks a finished build."""
     if (dest / ".complete").is_file():
         return dest
-    with llamacpp.locked(root / f".{dest.name}.lock"):
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with llamacpp.locked(dest.parent / f".{dest.name}.lock"):
         if (dest / ".complete").is_file():
             return dest
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=root))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
         try:
-            tokenizer = build_tokenizer(kind)
-            for item in tokenizer.iterdir():
-                shutil.copy2(item, tmp / item.name)
-            _write_config(kind, shape, tmp)
-            _write_weights(kind, shape, seed, tmp)
+            fill(tmp)
             (tmp / ".complete").write_text("ok\n")
             if dest.exists():
                 shutil.rmtree(dest)
@@ -149,22 +160,7 @@ def build_real_model(name: str = "smollm2") -> Path:
     root = llamacpp.cache_dir() / "fixtures" / f"real-v{FIXTURE_VERSION}"
     root.mkdir(parents=True, exist_ok=True)
     dest = root / spec.name  # the model's own name: exports are called <name>.<METHOD>.gguf
-    if (dest / ".complete").is_file():
-        return dest
-    with llamacpp.locked(root / f".{dest.name}.lock"):
-        if (dest / ".complete").is_file():
-            return dest
-        gguf_file = _registry_file(spec)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=root))
-        try:
-            _gguf_to_hf(gguf_file, tmp)
-            (tmp / ".complete").write_text("ok\n")
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return _cached_folder(dest, lambda tmp: _gguf_to_hf(_registry_file(spec), tmp))
 
 
 def _registry_file(spec: RealModel) -> Path:
@@ -241,26 +237,15 @@ def build_tokenizer(kind: str) -> Path:
     family = FAMILIES[kind]
     root = llamacpp.cache_dir() / "fixtures"
     dest = root / f"tokenizer-{kind}-v{FIXTURE_VERSION}"
-    if (dest / ".complete").is_file():
-        return dest
-    root.mkdir(parents=True, exist_ok=True)
-    with llamacpp.locked(root / f".{dest.name}.lock"):
-        if (dest / ".complete").is_file():
-            return dest
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=root))
-        try:
-            if family.vocab == "llama-spm":
-                _sentencepiece_tokenizer(tmp)
-            else:
-                _bpe_tokenizer(kind, tmp)
-            _finish_tokenizer_config(kind, tmp)
-            (tmp / ".complete").write_text("ok\n")
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+
+    def fill(tmp: Path) -> None:
+        if family.vocab == "llama-spm":
+            _sentencepiece_tokenizer(tmp)
+        else:
+            _bpe_tokenizer(kind, tmp)
+        _finish_tokenizer_config(kind, tmp)
+
+    return _cached_folder(dest, fill)
 
 
 def tokenizer_test_vectors(kind: str) -> list[tuple[str, list[int]]]:
