@@ -443,9 +443,9 @@ def test_killed_server_mid_stream_is_reported_with_its_log(llama3_gguf, tmp_path
     assert gone(server) and serve.port_is_free(server.port)
 
 
-def test_killed_server_mid_request_is_reported_with_its_log(llama3_gguf, tmp_path, ledger):
-    ledger["fault: server killed"] += 1
-    server = start(llama3_gguf, max_model_len=2048, log_dir=tmp_path)
+def kill_mid_request(server: serve.Server, after: float) -> list[BaseException]:
+    """Start a long completion, kill the server's process group ``after`` seconds into it; what the request
+    raised."""
     errors: list[BaseException] = []
 
     def ask() -> None:
@@ -456,9 +456,16 @@ def test_killed_server_mid_request_is_reported_with_its_log(llama3_gguf, tmp_pat
 
     thread = threading.Thread(target=ask)
     thread.start()
-    time.sleep(1.0)
+    time.sleep(after)
     os.killpg(server.pid, signal.SIGKILL)
     thread.join(60)
+    return errors
+
+
+def test_killed_server_mid_request_is_reported_with_its_log(llama3_gguf, tmp_path, ledger):
+    ledger["fault: server killed"] += 1
+    server = start(llama3_gguf, max_model_len=2048, log_dir=tmp_path)
+    errors = kill_mid_request(server, 1.0)
     assert len(errors) == 1 and isinstance(errors[0], UserError)
     assert "died during the request" in str(errors[0]) and str(server.log_path) in str(errors[0])
     server.stop()
@@ -547,19 +554,7 @@ def test_a_server_killed_while_idle_is_reported_by_the_handle(engine, request, t
 def test_vllm_killed_mid_request_is_reported_with_its_log(taught_dir, tmp_path, ledger):
     ledger["fault: server killed"] += 1
     server = start(taught_dir, max_model_len=2048, log_dir=tmp_path)
-    errors: list[BaseException] = []
-
-    def ask() -> None:
-        try:
-            server.complete(PROMPT, max_tokens=1500, logit_bias=BANNED_EOS)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=ask)
-    thread.start()
-    time.sleep(2.0)
-    os.killpg(server.pid, signal.SIGKILL)
-    thread.join(60)
+    errors = kill_mid_request(server, 2.0)
     assert len(errors) == 1 and isinstance(errors[0], UserError), errors
     assert "died during the request" in str(errors[0])
     assert not server.running()
