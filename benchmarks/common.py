@@ -11,6 +11,7 @@ runs under a small launcher process, which starts it and hands back the step's o
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 import threading
@@ -28,6 +29,14 @@ config = LoraConfig(r=16, lora_alpha=16, init_lora_weights=False,
 get_peft_model(model, config).save_pretrained({adapter!r})
 """
 """Child-process code: a rank-16 LoRA adapter with random non-zero weights on all seven projections."""
+
+
+def cpu_name() -> str:
+    """The host CPU's model name, for the tables (benchmark figures name the host they ran on)."""
+    for line in open("/proc/cpuinfo", encoding="utf-8"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
 
 
 @dataclass

@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -32,6 +31,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import cpu_name  # noqa: E402
 
 from unsloth_nb import dataset, fixtures, train  # noqa: E402
 from unsloth_nb.gguf import convert, imatrix, llamacpp  # noqa: E402
@@ -39,13 +41,6 @@ from unsloth_nb.merge import MergeSettings, merge  # noqa: E402
 
 METHODS = ("q2_k", "q3_k_m", "q4_k_m", "iq4_xs", "q5_k_m", "q6_k")
 CTX = 512
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def sdist_text(member: str, limit: int) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import cpu_name  # noqa: E402
 
 PLAIN = """
 import sys, time, numpy as np, torch
@@ -53,13 +55,6 @@ from unsloth_nb.gguf import imatrix
 m = imatrix.collect(sys.argv[1], sys.argv[2], ctx=int(sys.argv[3]), device=sys.argv[4], progress=False)
 print(m.chunk_count * m.chunk_size)
 """
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def timed(argv: list[str]) -> tuple[float, str]:
