@@ -71,24 +71,25 @@ def read_json(path: Path, *, required: bool = False, fix: str | None = None) -> 
         raise UserError(f"Cannot read {path} ({exc.strerror or exc}). Fix: check the path and permissions.") from exc
     if not path.is_file():
         raise UserError(f"{path} is a folder where a JSON file belongs. Fix: {fix}.")
-    return _parse_json(path, stat.st_mtime_ns, stat.st_size, fix)
-
-
-@functools.lru_cache(maxsize=8)
-def _parse_json(path: Path, mtime_ns: int, size: int, fix: str) -> dict[str, Any]:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = _parse_json(path, stat.st_mtime_ns, stat.st_size)
     except UnicodeDecodeError as exc:
         raise UserError(f"{path} is not a text file (byte {exc.start} is not UTF-8). Fix: {fix}.") from None
     except json.JSONDecodeError as exc:
-        what = "is empty" if size == 0 else f"is not valid JSON ({exc.msg} at line {exc.lineno})"
+        what = "is empty" if stat.st_size == 0 else f"is not valid JSON ({exc.msg} at line {exc.lineno})"
         raise UserError(f"{path} {what}. Fix: {fix}.") from None
     except OSError as exc:
         raise UserError(f"Cannot read {path} ({exc.strerror or exc}). Fix: check the path and permissions.") from exc
     if not isinstance(data, dict):
         raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object. Fix: {fix}.")
     return data
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_json(path: Path, mtime_ns: int, size: int) -> Any:
+    """The parsed file, cached per file version whatever the caller's ``fix`` (errors are not cached)."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def read_config(folder: Path) -> dict[str, Any]:

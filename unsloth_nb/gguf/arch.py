@@ -406,7 +406,7 @@ def token_rows(arch: Arch, hparams: dict[str, Any], tokenizer_dir: Path) -> int 
         sp = SentencePieceProcessor()
         sp.LoadFromFile(str(tokenizer_dir / "tokenizer.model"))
         return sp.vocab_size()
-    from unsloth_nb.gguf.vocab import read_json
+    from unsloth_nb.checkpoint import read_json
 
     tokenizer = read_json(tokenizer_dir / "tokenizer.json")
     return len(tokenizer["model"]["vocab"]) + len(tokenizer["added_tokens"])

@@ -10,7 +10,6 @@ added-token rules). Special token ids, add_bos/add_eos and the chat template com
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import tempfile
@@ -21,6 +20,7 @@ from typing import Any
 
 import gguf
 
+from unsloth_nb.checkpoint import read_json
 from unsloth_nb.errors import UserError
 from unsloth_nb.gguf.bpe_pre import CHECK_TEXT, PRE_BY_HASH
 
@@ -51,21 +51,6 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, A
         "the base model's tokenizer files (tokenizer.json, tokenizer_config.json, tokenizer.model if any) "
         "into the folder."
     )
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON file's content ({} when absent), parsed once per file version: a 128k-token tokenizer.json takes
-    most of a second to parse. Callers must not modify the result."""
-    if not path.is_file():
-        return {}
-    stat = path.stat()
-    return _parse_json(path, stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=8)
-def _parse_json(path: Path, mtime_ns: int, size: int) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def _sentencepiece(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, Any],
