@@ -476,3 +476,26 @@ def test_real_small_disk_refused_before_writing_and_fitting_plan_succeeds(llama2
     assert step.fits and step.disk <= free_disk(disk)
     (result,) = convert.convert(llama2_dir, ["q8_0"], out, progress=False)
     assert result.path == step.where and result.size == step.disk
+
+
+def test_train_plan_counts_gpu_memory_and_warns_when_it_cannot_fit(models, tmp_path):
+    """On a GPU the train plan has a GPU-memory row: 4-bit and gradient checkpointing need less, and a
+    free-Colab T4 training the 8B in 16 bits gets a warning that names what needs less."""
+    kwargs = dict(r=16, targets=("q_proj", "v_proj"), checkpoints=tmp_path / "c", batch_size=2, max_seq_len=2048)
+    sizes = {}
+    for four_bit in (False, True):
+        for checkpointing in (False, True):
+            plan = planner.plan_train(models["llama-8b"], tmp_path / "a", runtime=colab(), load_in_4bit=four_bit,
+                                      gradient_checkpointing=checkpointing, **kwargs)
+            [step] = [s for s in plan.steps if s.vram]
+            sizes[four_bit, checkpointing] = step.vram
+            assert plan.fits  # GPU memory warns; only the disk refuses
+    assert sizes[True, True] < sizes[False, True] < sizes[False, False]
+    assert sizes[True, True] < sizes[True, False] < sizes[False, False]
+    assert sizes[True, True] < 14 * 2**30 < sizes[False, True]  # 8B QLoRA fits a T4, 16 bits do not
+    warned = planner.plan_train(models["llama-8b"], tmp_path / "a", runtime=colab(), **kwargs)
+    assert any("load_in_4bit=True" in w for w in warned.warnings)
+    fine = planner.plan_train(models["llama-8b"], tmp_path / "a", runtime=colab(), load_in_4bit=True, **kwargs)
+    assert not any("training may need" in w for w in fine.warnings)
+    assert not [s for s in planner.plan_train(models["llama-1b"], tmp_path / "a", runtime=laptop(), **kwargs).steps
+                if s.vram]  # no GPU, no GPU row

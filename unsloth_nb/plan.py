@@ -534,11 +534,47 @@ def tokenizer_files_bytes(folder: Path) -> int:
     return sum((folder / name).stat().st_size for name in checkpoint.TOKENIZER_FILES if (folder / name).is_file())
 
 
-def plan_train(model: str | os.PathLike, out: str | os.PathLike, *, r: int, targets: tuple[str, ...] | list[str],
-               checkpoints: str | os.PathLike, runtime: Runtime | None = None) -> Plan:
-    """Plan the disk a fine-tune writes: its resumable checkpoints (next to ``out``) and the final adapter.
+QLORA_BYTES_PER_WEIGHT = 0.5 + 0.127 / 8
+"""A 4-bit NF4 weight with double-quantized block scales (64 weights a block): bitsandbytes' layout."""
+LORA_TRAIN_BYTES_PER_PARAM = 16
+"""A trainable LoRA weight in float32, its gradient and AdamW's two moments."""
+TRAIN_VRAM_OVERHEAD = 512 * 2**20
+"""cuBLAS workspaces, the optimizer's temporaries and the LM head's tiles, beside weights and activations."""
 
-    Reads only headers; ``require()`` refuses before training starts when they cannot fit."""
+
+def activation_bytes_per_token(config: dict) -> int:
+    """Bytes one decoder layer keeps per token for the backward pass when nothing is recomputed (eager
+    PyTorch, 16-bit): the norms' inputs and float32 intermediates, q/k/v and the attention output, and the MLP's
+    gate, up and product (what autograd saves in a Llama-type layer)."""
+    h = int(config.get("hidden_size") or 0)
+    m = int(config.get("intermediate_size") or 4 * h)
+    heads = int(config.get("num_attention_heads") or 1)
+    kv = h * int(config.get("num_key_value_heads") or heads) // heads
+    return 2 * (14 * h + 4 * m + 2 * kv)
+
+
+def train_vram(base: ModelSize, *, r: int, targets: tuple[str, ...] | list[str], tokens: int, load_in_4bit: bool,
+               gradient_checkpointing: bool) -> int:
+    """Peak GPU memory of LoRA training on ``tokens`` tokens a step (batch x longest row): an upper bound that
+    takes every row at the longest length. 4-bit keeps the decoder's linear weights in NF4 and the rest in
+    16 bits; gradient checkpointing keeps each layer's input and one layer's activations at a time."""
+    layers = int(base.config.get("num_hidden_layers") or 1)
+    linear = sum(t.numel for t in base.tensors if len(t.shape) == 2 and ".layers." in t.name)
+    weights = (linear * QLORA_BYTES_PER_WEIGHT + (base.n_params - linear) * 2) if load_in_4bit else base.n_params * 2
+    per_layer = activation_bytes_per_token(base.config) * tokens
+    hidden = int(base.config.get("hidden_size") or 0) * tokens
+    kept = layers * 2 * hidden + per_layer if gradient_checkpointing else layers * per_layer
+    return int(weights + lora_params(base, r, targets) * LORA_TRAIN_BYTES_PER_PARAM + kept + 4 * hidden
+               + TRAIN_VRAM_OVERHEAD)
+
+
+def plan_train(model: str | os.PathLike, out: str | os.PathLike, *, r: int, targets: tuple[str, ...] | list[str],
+               checkpoints: str | os.PathLike, runtime: Runtime | None = None, batch_size: int = 2,
+               max_seq_len: int = 2048, load_in_4bit: bool = False, gradient_checkpointing: bool = True) -> Plan:
+    """Plan what a fine-tune needs: the disk of its resumable checkpoints (next to ``out``) and of the final
+    adapter, and on a machine with a GPU its peak GPU memory (:func:`train_vram`).
+
+    Reads only headers; ``require()`` refuses before training starts when the files cannot fit."""
     rt = runtime or detect()
     base = size_model(model)
     params = lora_params(base, r, targets)
@@ -551,6 +587,11 @@ def plan_train(model: str | os.PathLike, out: str | os.PathLike, *, r: int, targ
              Path(os.path.abspath(checkpoints))),
         Step("train adapter", 0, params * 4 + tokenizer, out_dir),
     ]
+    if rt.gpus:
+        plan.steps.append(Step("train on the GPU" + (" (4-bit base)" if load_in_4bit else ""), 0, 0, out_dir,
+                                  vram=train_vram(base, r=r, targets=targets, tokens=batch_size * max_seq_len,
+                                                  load_in_4bit=load_in_4bit,
+                                                  gradient_checkpointing=gradient_checkpointing)))
     _check(plan)
     if not plan.fits:
         plan.fixes = _elsewhere(plan, lambda *a: plan)
@@ -632,10 +673,14 @@ def _check(plan: Plan) -> None:
     if heavy is not None and heavy.ram > plan.ram_budget:
         plan.problems.append(runtime.ram_problem(heavy.name, heavy.ram, rt))
     if rt.gpus and any(s.vram for s in plan.steps):
-        need = max(s.vram for s in plan.steps)
+        step = max(plan.steps, key=lambda s: s.vram)
         best = max(g.free_vram for g in rt.gpus)
-        if need > best:
-            plan.warnings.append(f"quantizing the largest tensor needs about {gb(need)} of GPU memory and "
+        if step.vram > best and step.name.startswith("train"):
+            plan.warnings.append(f"training may need up to {gb(step.vram)} of GPU memory (every row at the "
+                                 f"longest length) and the GPU has {gb(best)} free: a smaller batch_size or "
+                                 "max_seq_len, gradient_checkpointing=True or load_in_4bit=True need less.")
+        elif step.vram > best:
+            plan.warnings.append(f"quantizing the largest tensor needs about {gb(step.vram)} of GPU memory and "
                                  f"the GPU has {gb(best)} free: use device='cpu'.")
 
 

@@ -584,7 +584,10 @@ def train(model: str | os.PathLike, data: str | os.PathLike | Iterable[Mapping],
     if settings.plan:
         from unsloth_nb.plan import plan_train
 
-        plan_train(model, out, r=lora.r, targets=lora.target_modules, checkpoints=checkpoints).require()
+        plan_train(model, out, r=lora.r, targets=lora.target_modules, checkpoints=checkpoints,
+                   batch_size=settings.batch_size,
+                   max_seq_len=min(settings.max_seq_len, max(len(ex["input_ids"]) for ex in examples)),
+                   load_in_4bit=choice.load_in_4bit, gradient_checkpointing=choice.gradient_checkpointing).require()
     if checkpoints.exists():
         ours = stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint
         if not stamp.is_file():

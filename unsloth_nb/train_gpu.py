@@ -73,8 +73,11 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     import torch
 
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    if q.dtype == torch.float32:  # QLoRA keeps the norms in float32 (peft), and FlashAttention takes 16 bits
+        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+        q, k, v = (t.to(half) for t in (q, k, v))
     out = _kernel(q, k, v, cu_seq_lens_q.to(device=q.device, dtype=torch.int32), int(max_length_q), scaling)
-    return out.unsqueeze(0), None
+    return out.to(query.dtype).unsqueeze(0), None
 
 
 def varlen_mask(*, q_length: int, kv_length: int, q_offset: Any = 0, kv_offset: Any = 0,
