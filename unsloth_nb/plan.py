@@ -146,6 +146,9 @@ class Step:
     """Whether the step's RAM and its share of the disk fit, with every earlier output still present."""
     seconds: float = 0.0
     """Estimated duration where one is known (the imatrix's forward passes), else 0."""
+    vram_warning: str = ("quantizing the largest tensor needs about {need} of GPU memory and the GPU has {free} "
+                         "free: use device='cpu'.")
+    """The warning when ``vram`` is over the GPU's free memory ({need} and {free} are filled in): what needs less."""
 
 
 @dataclass
@@ -568,6 +571,11 @@ def train_vram(base: ModelSize, *, r: int, targets: tuple[str, ...] | list[str],
                + TRAIN_VRAM_OVERHEAD)
 
 
+TRAIN_VRAM_WARNING = ("training may need up to {need} of GPU memory (every row at the longest length) and the GPU "
+                      "has {free} free: a smaller batch_size or max_seq_len, gradient_checkpointing=True or "
+                      "load_in_4bit=True need less.")
+
+
 def plan_train(model: str | os.PathLike, out: str | os.PathLike, *, r: int, targets: tuple[str, ...] | list[str],
                checkpoints: str | os.PathLike, runtime: Runtime | None = None, batch_size: int = 2,
                max_seq_len: int = 2048, load_in_4bit: bool = False, gradient_checkpointing: bool = True) -> Plan:
@@ -588,10 +596,10 @@ def plan_train(model: str | os.PathLike, out: str | os.PathLike, *, r: int, targ
         Step("train adapter", 0, params * 4 + tokenizer, out_dir),
     ]
     if rt.gpus:
+        vram = train_vram(base, r=r, targets=targets, tokens=batch_size * max_seq_len, load_in_4bit=load_in_4bit,
+                          gradient_checkpointing=gradient_checkpointing)
         plan.steps.append(Step("train on the GPU" + (" (4-bit base)" if load_in_4bit else ""), 0, 0, out_dir,
-                                  vram=train_vram(base, r=r, targets=targets, tokens=batch_size * max_seq_len,
-                                                  load_in_4bit=load_in_4bit,
-                                                  gradient_checkpointing=gradient_checkpointing)))
+                               vram=vram, vram_warning=TRAIN_VRAM_WARNING))
     _check(plan)
     if not plan.fits:
         plan.fixes = _elsewhere(plan, lambda *a: plan)
@@ -675,13 +683,8 @@ def _check(plan: Plan) -> None:
     if rt.gpus and any(s.vram for s in plan.steps):
         step = max(plan.steps, key=lambda s: s.vram)
         best = max(g.free_vram for g in rt.gpus)
-        if step.vram > best and step.name.startswith("train"):
-            plan.warnings.append(f"training may need up to {gb(step.vram)} of GPU memory (every row at the "
-                                 f"longest length) and the GPU has {gb(best)} free: a smaller batch_size or "
-                                 "max_seq_len, gradient_checkpointing=True or load_in_4bit=True need less.")
-        elif step.vram > best:
-            plan.warnings.append(f"quantizing the largest tensor needs about {gb(step.vram)} of GPU memory and "
-                                 f"the GPU has {gb(best)} free: use device='cpu'.")
+        if step.vram > best:
+            plan.warnings.append(step.vram_warning.format(need=gb(step.vram), free=gb(best)))
 
 
 def _disk_need(plan: Plan) -> str:

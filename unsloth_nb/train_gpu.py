@@ -1,4 +1,5 @@
-"""What makes LoRA training fast and lean on a CUDA GPU: padding-free batches and compiled decoder layers.
+"""What makes LoRA training fast and lean on a CUDA GPU: padding-free batches, compiled decoder layers, some
+layers recomputed.
 
 - **Padding-free batches.** trl's collator concatenates a batch's rows into one row with sequence boundaries
   (``cu_seq_lens_q``) instead of padding them to the longest; attention then runs over each sequence alone
@@ -16,6 +17,7 @@ is in benchmarks/README.md (``benchmarks/train_tokens_per_s.py``).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -24,12 +26,14 @@ ATTENTION = "unsloth_nb_varlen"
 """The name under which :func:`varlen_attention` is registered with transformers' attention interface."""
 
 
+@functools.cache
 def varlen_kernel() -> Callable[..., Any] | None:
     """PyTorch's variable-length FlashAttention as ``f(q, k, v, cu_seq_lens, max_len, scale)`` for causal
     attention over (tokens, heads, head_dim) tensors, or None when this torch has none or no GPU can run it.
 
     torch 2.10 spells causal ``is_causal=True``, later versions ``window_size=(-1, 0)``; versions without
-    ``enable_gqa`` get the key/value heads repeated for grouped-query attention."""
+    ``enable_gqa`` get the key/value heads repeated for grouped-query attention. Looked up once (resolve asks
+    whether there is one, register_attention then takes it)."""
     import torch
 
     if not torch.cuda.is_available() or torch.cuda.get_device_capability(0) < (8, 0):
@@ -96,7 +100,7 @@ def register_attention(kernel: Callable[..., Any] | None = None) -> bool:
     """Register :func:`varlen_attention` and its mask as ``ATTENTION`` with transformers, over ``kernel`` (the
     tests pass a reference one on the CPU) or :func:`varlen_kernel`; False when no kernel can run here."""
     global _kernel, _sdpa
-    _kernel = kernel or _kernel or varlen_kernel()
+    _kernel = kernel or varlen_kernel()
     if _kernel is None:
         return False
     from transformers import AttentionInterface
