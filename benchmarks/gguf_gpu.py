@@ -104,28 +104,31 @@ def llamacpp_quantize(src: Path, dst: Path) -> float:
     return time.perf_counter() - started
 
 
-def _timed_stages(convert, undo: bool = False) -> dict[str, float]:
+def _timed_stages(undo: bool = False) -> dict[str, float]:
     """Wall seconds spent in the export's main-thread stages (metadata, serialization, data, read-back check);
     the data stage runs from the first byte written to the last."""
-    names = ("_add_metadata", "_serialize", "_write", "_validate")
-    if undo:
-        for name in names:
-            setattr(convert, name, getattr(convert, name).__wrapped__)
-        return {}
-    seconds = dict.fromkeys(names, 0.0)
+    from unsloth_nb.gguf import convert, layout
 
-    def timed(name: str, fn):
+    stages = {"metadata": (convert, "_add_metadata"), "serialize": (layout, "serialize"),
+              "data": (convert, "_write"), "check": (layout, "validate")}
+    if undo:
+        for module, name in stages.values():
+            setattr(module, name, getattr(module, name).__wrapped__)
+        return {}
+    seconds = dict.fromkeys(stages, 0.0)
+
+    def timed(stage: str, fn):
         def run(*args, **kwargs):
             started = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                seconds[name] += time.perf_counter() - started
+                seconds[stage] += time.perf_counter() - started
         run.__wrapped__ = fn
         return run
 
-    for name in names:
-        setattr(convert, name, timed(name, getattr(convert, name)))
+    for stage, (module, name) in stages.items():
+        setattr(module, name, timed(stage, getattr(module, name)))
     return seconds
 
 
@@ -146,6 +149,9 @@ def main() -> None:
     parser.add_argument("--prepared", action="store_true",
                         help="call convert.prepare before the first export and wait for it, as the notebooks do "
                              "before training")
+    parser.add_argument("--picker", action="store_true",
+                        help="before the first export, show the exact file sizes as the notebooks' quant picker does "
+                             "(plan.gguf_sizes on the model), timed on its own")
     args = parser.parse_args()
     model = fixtures.build_model("llama3", args.shape)
     if args.prepared:
@@ -160,6 +166,12 @@ def main() -> None:
         AutoConfig.from_pretrained(model)
         torch.zeros(1, device="cuda")
         print(f"transformers config and CUDA started beforehand: {time.perf_counter() - started:.1f} s", flush=True)
+    if args.picker:
+        from unsloth_nb import plan
+
+        started = time.perf_counter()
+        plan.gguf_sizes(plan.size_model(model), ["q4_k_m"])
+        print(f"the picker's exact sizes beforehand: {time.perf_counter() - started:.1f} s", flush=True)
     print(f"GPU: {torch.cuda.get_device_name(0)}; {os.cpu_count()} host cores; model {model}", flush=True)
     rates = {} if args.export_only else parity_and_speed((8192, 2048))
 
@@ -169,16 +181,16 @@ def main() -> None:
             started = time.perf_counter()
             convert.file_layout(model, "q4_k_m")
             print(f"metadata and layout alone: {time.perf_counter() - started:.1f} s", flush=True)
-        stages = _timed_stages(convert)
+        stages = _timed_stages()
         first = time.perf_counter()
         result = convert.convert(model, ["q4_k_m"], work / "warm", device="cuda", progress=False)[0]
         first = time.perf_counter() - first
         print(f"first export in this process (Triton start included): {first:.1f} s for {result.size / 1e9:.2f} GB; "
               "stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()), flush=True)
-        _timed_stages(convert, undo=True)
+        _timed_stages(undo=True)
         floors = []
         for run in range(args.repeat):
-            stages = _timed_stages(convert)
+            stages = _timed_stages()
             started = time.perf_counter()
             result = convert.convert(model, ["q4_k_m"], work / f"out{run}", device="cuda", progress=False)[0]
             export = time.perf_counter() - started
@@ -187,7 +199,7 @@ def main() -> None:
             print(f"Q4_K_M export: {export:.1f} s for {result.size / 1e9:.2f} GB; read + write floor {floor:.1f} s; "
                   f"ratio {export / floor:.2f} (target <= 1.5); stages: "
                   + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()), flush=True)
-            _timed_stages(convert, undo=True)
+            _timed_stages(undo=True)
         if floors:  # a floor run right after an export can be much faster than the others: take the median
             floor = float(np.median(floors))
             print(f"first export against the median floor ({floor:.1f} s): ratio {first / floor:.2f}", flush=True)

@@ -307,6 +307,67 @@ def test_header_serialisation_is_gguf_pys(kind: str) -> None:
     assert head == gguf_py_head(plan.writer)
 
 
+def test_vocabulary_is_built_once_per_tokenizer(llama3_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """The tokenizer keys are built once per tokenizer in a process: a second export, the picker's exact sizes
+    and a copy of the folder (what a merge writes) reuse them; a changed tokenizer file builds them again. The
+    headers are the same bytes either way, and two threads asking at once build them once."""
+    import threading
+
+    model = tmp_path / "model"
+    shutil.copytree(llama3_dir, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ messages[0]['content'] }} (a template only this test uses)"
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    builds = []
+    real = vocab._write_tokenizer
+
+    def counted(*args, **kwargs):
+        builds.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vocab, "_write_tokenizer", counted)
+    first = convert.convert(model, ["q8_0"], tmp_path / "a", progress=False)[0].path
+    layout_size = convert.file_layout(model, "q8_0").metadata_size
+    copy = tmp_path / "copy" / "model"
+    shutil.copytree(model, copy)
+    again = convert.convert(copy, ["q8_0"], tmp_path / "b", progress=False)[0].path
+    assert builds == [model]
+    assert first.read_bytes() == again.read_bytes()
+    assert layout_size == convert.file_layout(copy, "q8_0").metadata_size
+
+    config["chat_template"] += "!"
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    changed = convert.convert(copy, ["q8_0"], tmp_path / "c", progress=False)[0].path
+    assert builds == [model, copy]
+    assert gguf.GGUFReader(changed).fields["tokenizer.chat_template"].contents().endswith("!")
+
+    config["chat_template"] += "?"
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    hparams = json.loads((copy / "config.json").read_text())
+    threads = [threading.Thread(target=vocab.tokenizer_keys, args=(copy, hparams, ("gpt2",), False))
+               for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert builds == [model, copy, copy]
+
+
+def test_serialized_tuples_are_reused_only_for_the_same_tuple() -> None:
+    """A long tuple is packed once and its bytes reused while the same object comes back; an equal list and
+    another tuple are packed on their own, and all of them as gguf-py packs them."""
+    from gguf_oracle import gguf_py_head
+
+    tokens = tuple(f"token{i}" for i in range(1000))
+    heads = []
+    for value in (tokens, tokens, list(tokens), tuple(t + "x" for t in tokens)):
+        writer = gguf.GGUFWriter(None, "llama")
+        writer.add_token_list(value)
+        heads.append(layout.serialize(writer)[0])
+        assert heads[-1] == gguf_py_head(writer)
+    assert heads[0] == heads[1] == heads[2] != heads[3]
+
+
 def test_chunks_run_ahead_within_their_byte_budget(llama3_dir: Path) -> None:
     """With a lookahead budget (a GPU's, set here on the CPU) more chunks are queued at once, never more encoded
     bytes than the budget beyond IN_FLIGHT chunks, and the writer gets exactly the chunks it gets without one."""

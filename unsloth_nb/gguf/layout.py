@@ -10,8 +10,10 @@ long arrays packed in one numpy pass), the exact layout that results, and the re
 
 from __future__ import annotations
 
+import collections
 import os
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +135,8 @@ _NUMPY = {V.UINT8: "<u1", V.INT8: "<i1", V.UINT16: "<u2", V.INT16: "<i2", V.UINT
 
 def pack_value(value: Any, vtype: V, sub_type: V | None = None, *, with_type: bool = True) -> bytes:
     """One metadata value as GGUF stores it (little-endian), exactly as gguf-py's writer packs it, errors
-    included; arrays of 256 or more values of one Python type go through numpy in one pass."""
+    included; arrays of 256 or more values of one Python type go through numpy in one pass, and a long tuple
+    that comes back (the cached vocabulary, see ``vocab.tokenizer_keys``) is packed once."""
     head = struct.pack("<I", vtype) if with_type else b""
     if vtype in _SCALARS:
         return head + struct.pack(_SCALARS[vtype], value)
@@ -142,6 +145,13 @@ def pack_value(value: Any, vtype: V, sub_type: V | None = None, *, with_type: bo
         return head + struct.pack("<Q", len(data)) + data
     if vtype != V.ARRAY:
         raise ValueError("Invalid GGUF metadata value type or value")
+    if isinstance(value, tuple) and len(value) >= _PACKED_MIN:
+        return head + _packed_tuple(value, sub_type)
+    return head + _pack_array_value(value, sub_type)
+
+
+def _pack_array_value(value: Any, sub_type: V | None) -> bytes:
+    """An array's element type, count and elements."""
     if not isinstance(value, Sequence):
         raise ValueError("Invalid GGUF metadata array, expecting sequence")
     if len(value) == 0:
@@ -154,12 +164,35 @@ def pack_value(value: Any, vtype: V, sub_type: V | None = None, *, with_type: bo
         ltype = V.get_type(value[0])
         if not all(V.get_type(v) is ltype for v in value[1:]):
             raise ValueError("All items in a GGUF array should be of the same type")
-    if len(value) >= 256 and isinstance(value, list | tuple):
+    if len(value) >= _PACKED_MIN and isinstance(value, list | tuple):
         packed = _pack_array(value, ltype)
         if packed is not None:
-            return head + struct.pack("<IQ", ltype, len(value)) + packed
-    return head + struct.pack("<IQ", ltype, len(value)) + b"".join(
-        pack_value(v, ltype, with_type=False) for v in value)
+            return struct.pack("<IQ", ltype, len(value)) + packed
+    return struct.pack("<IQ", ltype, len(value)) + b"".join(pack_value(v, ltype, with_type=False) for v in value)
+
+
+_PACKED_MIN = 256
+"""Arrays of at least this many values are packed in one numpy pass (and kept, for tuples)."""
+_PACKED_TUPLES = 8
+"""Long tuples whose packed bytes are kept: the vocabulary's arrays, shared by every file of a tokenizer."""
+_packed: collections.OrderedDict[tuple[int, V | None], tuple[tuple, bytes]] = collections.OrderedDict()
+_packed_lock = threading.Lock()
+
+
+def _packed_tuple(values: tuple, sub_type: V | None) -> bytes:
+    """``_pack_array_value`` of a long tuple, reused while the same tuple object comes back (a tuple of strings or
+    numbers cannot change, and the entry keeps it alive, so its id is not reused by another object)."""
+    key = (id(values), sub_type)
+    with _packed_lock:
+        entry = _packed.get(key)
+    if entry is not None and entry[0] is values:
+        return entry[1]
+    packed = _pack_array_value(values, sub_type)
+    with _packed_lock:
+        _packed[key] = (values, packed)
+        while len(_packed) > _PACKED_TUPLES:
+            _packed.popitem(last=False)
+    return packed
 
 
 def _pack_array(values: list | tuple, ltype: V) -> bytes | None:

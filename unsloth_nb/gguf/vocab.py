@@ -9,10 +9,12 @@ added-token rules). Special token ids, add_bos/add_eos and the chat template com
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from hashlib import sha256
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any
 
 import gguf
 
-from unsloth_nb.checkpoint import read_json
+from unsloth_nb.checkpoint import SIDE_FILES, read_json
 from unsloth_nb.errors import UserError
 from unsloth_nb.gguf.bpe_pre import CHECK_TEXT, PRE_BY_HASH
 
@@ -30,9 +32,68 @@ logger = logging.getLogger(__name__)
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 
+_CACHED_TOKENIZERS = 2
+"""Tokenizers whose keys a process keeps (about 40 MB each for a 128k vocabulary): the base and the fine-tune."""
+_cache: collections.OrderedDict[str, dict[str, gguf.GGUFValue]] = collections.OrderedDict()
+_cache_lock = threading.Lock()
+_building: dict[str, threading.Lock] = {}
+
+
 def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, Any],
                   order: tuple[str, ...], reads_add_prefix_space: bool) -> None:
-    """Write every tokenizer key for the model folder, trying the readers in ``order``."""
+    """Write every tokenizer key for the model folder, trying the readers in ``order``.
+
+    The keys are built once per tokenizer in a process and reused (the same files' contents, hparams and
+    readers): a 128k vocabulary takes about a second of Python, which every GGUF export of a model, and the
+    planner's and picker's exact sizes before it, would otherwise spend again. Arrays are kept as tuples, so
+    ``layout.serialize`` can reuse their packed bytes as well."""
+    writer.kv_data[0].update(tokenizer_keys(model_dir, hparams, order, reads_add_prefix_space))
+
+
+def tokenizer_keys(model_dir: Path, hparams: dict[str, Any], order: tuple[str, ...],
+                   reads_add_prefix_space: bool) -> dict[str, gguf.GGUFValue]:
+    """Every ``tokenizer.ggml.*`` key (and the few others the tokenizer sets) for the folder, in writing order;
+    built at most once at a time per tokenizer, so a second caller waits for the first one's result."""
+    key = _fingerprint(model_dir, hparams, order, reads_add_prefix_space)
+    with _cache_lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+        building = _building.setdefault(key, threading.Lock())
+    with building:
+        with _cache_lock:
+            if key in _cache:
+                return _cache[key]
+        try:
+            scratch = gguf.GGUFWriter(None, "scratch")
+            before = set(scratch.kv_data[0])
+            _write_tokenizer(scratch, model_dir, hparams, order, reads_add_prefix_space)
+            keys = {k: gguf.GGUFValue(tuple(v.value) if isinstance(v.value, list) else v.value, v.type, v.sub_type)
+                    for k, v in scratch.kv_data[0].items() if k not in before}
+            with _cache_lock:
+                _cache[key] = keys
+                while len(_cache) > _CACHED_TOKENIZERS:
+                    _cache.popitem(last=False)
+        finally:
+            with _cache_lock:
+                _building.pop(key, None)
+    return keys
+
+
+def _fingerprint(model_dir: Path, hparams: dict[str, Any], order: tuple[str, ...], reads_add_prefix_space: bool) -> str:
+    """What the tokenizer keys depend on: the contents of the folder's side files (tokenizer files, config.json),
+    the hparams and the readers; a copy of the files elsewhere (a merge's) gives the same fingerprint."""
+    settings = {k: v for k, v in hparams.items() if k != "_name_or_path"}  # where the folder is, never read here
+    digest = sha256(json.dumps([settings, order, reads_add_prefix_space], sort_keys=True, default=repr).encode())
+    for name in SIDE_FILES:
+        path = model_dir / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _write_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, Any],
+                     order: tuple[str, ...], reads_add_prefix_space: bool) -> None:
     config = read_json(model_dir / "tokenizer_config.json")
     if reads_add_prefix_space and (prefix := config.get("add_prefix_space")) is not None:
         writer.add_add_space_prefix(prefix)
