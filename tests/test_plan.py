@@ -481,7 +481,7 @@ def test_real_small_disk_refused_before_writing_and_fitting_plan_succeeds(llama2
 def test_train_plan_counts_gpu_memory_and_warns_when_it_cannot_fit(models, tmp_path):
     """On a GPU the train plan has a GPU-memory row: 4-bit and gradient checkpointing need less, and a
     free-Colab T4 training the 8B in 16 bits gets a warning that names what needs less."""
-    kwargs = dict(r=16, targets=("q_proj", "v_proj"), checkpoints=tmp_path / "c", batch_size=2, max_seq_len=2048)
+    kwargs = dict(r=16, targets=("q_proj", "v_proj"), checkpoints=tmp_path / "c", batch_size=1, max_seq_len=2048)
     sizes = {}
     for four_bit in (False, True):
         for checkpointing in (False, True):
@@ -491,7 +491,7 @@ def test_train_plan_counts_gpu_memory_and_warns_when_it_cannot_fit(models, tmp_p
             sizes[four_bit, checkpointing] = step.vram
             assert plan.fits  # GPU memory warns; only the disk refuses
     assert sizes[True, True] < sizes[False, True] < sizes[False, False]
-    assert sizes[True, True] < sizes[True, False] < sizes[False, False]
+    assert sizes[True, True] < sizes[True, False]  # without checkpointing 4-bit's float32 activations cost the most
     assert sizes[True, True] < 14 * 2**30 < sizes[False, True]  # 8B QLoRA fits a T4, 16 bits do not
     warned = planner.plan_train(models["llama-8b"], tmp_path / "a", runtime=colab(), **kwargs)
     assert any("load_in_4bit=True" in w for w in warned.warnings)

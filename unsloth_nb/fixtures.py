@@ -9,7 +9,8 @@ tokens behave as in the real model families:
 - ``qwen2``: Qwen2 architecture (q/k/v biases), Qwen2 BPE tokenizer, tied embeddings, ChatML template.
 
 ``shape="tiny"`` gives a few-MB-per-layer model for tests; ``shape="1b"`` gives Llama-3.2-1B dimensions
-for benchmarks. Everything is built once and cached under ``cache_dir()/fixtures``.
+for benchmarks, ``shape="8b"`` Llama-3.1-8B's (16 GB, for GPU memory measurements). Everything is built once
+and cached under ``cache_dir()/fixtures``.
 
 Real pretrained models come from package registries, not the Hub (:func:`build_real_model`): their wheels
 carry a GGUF, which transformers' GGUF loader turns back into an ordinary bf16 HF folder with the real
@@ -33,7 +34,7 @@ FIXTURE_VERSION = 3
 """Bumped whenever the built folders change, so stale caches are rebuilt."""
 
 KINDS = ("llama3", "llama2", "qwen2")
-SHAPES = ("tiny", "1b")
+SHAPES = ("tiny", "1b", "8b")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ DIMS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8),
 }
 

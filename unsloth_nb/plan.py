@@ -543,6 +543,14 @@ LORA_TRAIN_BYTES_PER_PARAM = 16
 """A trainable LoRA weight in float32, its gradient and AdamW's two moments."""
 TRAIN_VRAM_OVERHEAD = 512 * 2**20
 """cuBLAS workspaces, the optimizer's temporaries and the LM head's tiles, beside weights and activations."""
+LOGIT_BYTES = {False: 6, True: 12}
+"""Bytes per token and vocabulary entry at the loss, by whether the base is 4-bit: 16-bit logits and the float32
+log-probabilities the loss keeps; for a 4-bit base peft keeps the LM head in float32, so float32 logits, their
+log-probabilities and gradient (a 128k vocabulary makes this several GB at a few thousand tokens a step)."""
+QLORA_FLOAT32_HIDDEN = 6
+"""Hidden-size values per token and layer that a 4-bit base keeps in float32 rather than 16 bits: peft's float32
+embedding and norms make the residual stream float32. With the rest of ``train_vram`` this gave 1.04x the peak
+measured for an 8B-shaped model (H200, 4,096 tokens a step, ``benchmarks/train_vram_vs_plan.py``)."""
 
 
 def activation_bytes_per_token(config: dict) -> int:
@@ -560,14 +568,18 @@ def train_vram(base: ModelSize, *, r: int, targets: tuple[str, ...] | list[str],
                gradient_checkpointing: bool) -> int:
     """Peak GPU memory of LoRA training on ``tokens`` tokens a step (batch x longest row): an upper bound that
     takes every row at the longest length. 4-bit keeps the decoder's linear weights in NF4 and the rest in
-    16 bits; gradient checkpointing keeps each layer's input and one layer's activations at a time."""
+    float32; gradient checkpointing keeps each layer's input and one layer's activations at a time; the loss
+    holds the logits over the whole vocabulary."""
     layers = int(base.config.get("num_hidden_layers") or 1)
     linear = sum(t.numel for t in base.tensors if len(t.shape) == 2 and ".layers." in t.name)
-    weights = (linear * QLORA_BYTES_PER_WEIGHT + (base.n_params - linear) * 2) if load_in_4bit else base.n_params * 2
-    per_layer = activation_bytes_per_token(base.config) * tokens
+    # a 4-bit base: NF4 decoder weights, and peft casts every other weight to float32
+    weights = (linear * QLORA_BYTES_PER_WEIGHT + (base.n_params - linear) * 4) if load_in_4bit else base.n_params * 2
     hidden = int(base.config.get("hidden_size") or 0) * tokens
+    per_layer = activation_bytes_per_token(base.config) * tokens + (2 * QLORA_FLOAT32_HIDDEN * hidden
+                                                                    if load_in_4bit else 0)
     kept = layers * 2 * hidden + per_layer if gradient_checkpointing else layers * per_layer
-    return int(weights + lora_params(base, r, targets) * LORA_TRAIN_BYTES_PER_PARAM + kept + 4 * hidden
+    logits = LOGIT_BYTES[load_in_4bit] * tokens * _vocab_size(base)
+    return int(weights + lora_params(base, r, targets) * LORA_TRAIN_BYTES_PER_PARAM + kept + 4 * hidden + logits
                + TRAIN_VRAM_OVERHEAD)
 
 
