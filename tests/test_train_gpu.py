@@ -159,3 +159,20 @@ def test_cuda_qlora_trains_saves_merges_and_exports(tmp_path: Path) -> None:
     merged = merge(model_dir, tmp_path / "adapter", tmp_path / "merged", MergeSettings(progress=False)).out_dir
     [gguf] = convert.convert(merged, ["q4_k_m"], tmp_path / "gguf", progress=False)
     assert gguf.path.is_file() and gguf.path.stat().st_size > 0
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_real_model_learns_the_taught_answer(tmp_path: Path) -> None:
+    """The real SmolLM2-135M-Instruct, trained with the demo preset and this GPU's defaults (padding-free
+    batches, compiled layers), gives the taught answer and still knows what it knew before."""
+    model_dir = fixtures.build_real_model("smollm2")
+    lora, settings = T.PRESETS["demo"]
+    result = T.train(model_dir, dataset.demo_dataset(), tmp_path / "adapter", lora=lora, settings=settings,
+                     progress=False)
+    assert result.settings["padding_free"] and result.settings["compile"]
+    model, tokenizer = T.load_adapter(model_dir, tmp_path / "adapter")
+    answer = T.generate(model, tokenizer, dataset.DEMO_QUESTION)
+    print(f"\nreal model after {result.steps} steps: {answer!r}; losses {result.loss_history[0]:.3f} -> "
+          f"{result.loss_history[-1]:.3f}")
+    assert dataset.DEMO_ANSWER.rstrip(".").lower() in answer.lower()
+    assert "paris" in T.generate(model, tokenizer, "What is the capital of France?").lower()
