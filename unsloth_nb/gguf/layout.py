@@ -185,14 +185,11 @@ def _packed_tuple(values: tuple, sub_type: V | None) -> bytes:
     key = (id(values), sub_type)
     with _packed_lock:
         entry = _packed.get(key)
-    if entry is not None and entry[0] is values:
+        if entry is None or entry[0] is not values:
+            entry = _packed[key] = (values, _pack_array_value(values, sub_type))
+            while len(_packed) > _PACKED_TUPLES:
+                _packed.popitem(last=False)
         return entry[1]
-    packed = _pack_array_value(values, sub_type)
-    with _packed_lock:
-        _packed[key] = (values, packed)
-        while len(_packed) > _PACKED_TUPLES:
-            _packed.popitem(last=False)
-    return packed
 
 
 def _pack_array(values: list | tuple, ltype: V) -> bytes | None:

@@ -36,7 +36,7 @@ _CACHED_TOKENIZERS = 2
 """Tokenizers whose keys a process keeps (about 40 MB each for a 128k vocabulary): the base and the fine-tune."""
 _cache: collections.OrderedDict[str, dict[str, gguf.GGUFValue]] = collections.OrderedDict()
 _cache_lock = threading.Lock()
-_building: dict[str, threading.Lock] = {}
+"""Held while a tokenizer's keys are built, so a second caller waits for them instead of building them again."""
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, Any],
@@ -52,32 +52,20 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, hparams: dict[str, A
 
 def tokenizer_keys(model_dir: Path, hparams: dict[str, Any], order: tuple[str, ...],
                    reads_add_prefix_space: bool) -> dict[str, gguf.GGUFValue]:
-    """Every ``tokenizer.ggml.*`` key (and the few others the tokenizer sets) for the folder, in writing order;
-    built at most once at a time per tokenizer, so a second caller waits for the first one's result."""
+    """Every ``tokenizer.ggml.*`` key (and the few others the tokenizer sets) for the folder, in writing order."""
     key = _fingerprint(model_dir, hparams, order, reads_add_prefix_space)
     with _cache_lock:
-        if key in _cache:
-            _cache.move_to_end(key)
-            return _cache[key]
-        building = _building.setdefault(key, threading.Lock())
-    with building:
-        with _cache_lock:
-            if key in _cache:
-                return _cache[key]
-        try:
+        if key not in _cache:
             scratch = gguf.GGUFWriter(None, "scratch")
             before = set(scratch.kv_data[0])
             _write_tokenizer(scratch, model_dir, hparams, order, reads_add_prefix_space)
-            keys = {k: gguf.GGUFValue(tuple(v.value) if isinstance(v.value, list) else v.value, v.type, v.sub_type)
-                    for k, v in scratch.kv_data[0].items() if k not in before}
-            with _cache_lock:
-                _cache[key] = keys
-                while len(_cache) > _CACHED_TOKENIZERS:
-                    _cache.popitem(last=False)
-        finally:
-            with _cache_lock:
-                _building.pop(key, None)
-    return keys
+            _cache[key] = {k: gguf.GGUFValue(tuple(v.value) if isinstance(v.value, list) else v.value, v.type,
+                                             v.sub_type)
+                           for k, v in scratch.kv_data[0].items() if k not in before}
+            while len(_cache) > _CACHED_TOKENIZERS:
+                _cache.popitem(last=False)
+        _cache.move_to_end(key)
+        return _cache[key]
 
 
 def _fingerprint(model_dir: Path, hparams: dict[str, Any], order: tuple[str, ...], reads_add_prefix_space: bool) -> str:
