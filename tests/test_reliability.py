@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from lora_helpers import make_adapter, other_base
 
+from unsloth_nb import manifest
 from unsloth_nb.__main__ import main
 from unsloth_nb.dataset import DEMO_DATA
 from unsloth_nb.errors import UserError
@@ -355,3 +356,22 @@ def test_no_secret_in_notebooks():
         text = path.read_text()
         assert not re.search(r"hf_[A-Za-z0-9]{30,}", text), path
         assert not re.search(r"(HF_TOKEN|api_key)\s*=\s*[\"'][^\"']{8,}", text), path
+
+
+def test_hashing_file_flushing_in_the_background_keeps_bytes_and_checksum(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Background flushes every few bytes (while later pieces are written and hashed) change neither the
+    file's bytes nor its sha256, and ``close`` leaves nothing unflushed behind."""
+    monkeypatch.setattr(manifest.HashingFile, "WRITEBACK_BYTES", 1000)
+    flushes: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (flushes.append(fd), real(fd))[1])
+    pieces = [random.Random(i).randbytes(300 + 97 * i) for i in range(40)]
+    f = manifest.HashingFile(tmp_path / "out.bin")
+    for piece in pieces:
+        f.write(memoryview(piece))
+    f.close()
+    data = b"".join(pieces)
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert f.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert flushes, "no background flush ran"

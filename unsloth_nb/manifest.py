@@ -50,15 +50,22 @@ class HashingFile:
     """A binary file opened for writing that keeps the sha256 of everything written to it.
 
     The hash of each piece runs on a helper thread while the piece is written (both release the GIL), so the
-    checksum costs almost no wall time; at most one piece is held for it.
+    checksum costs almost no wall time; at most one piece is held for it. Every ``WRITEBACK_BYTES`` written,
+    a second helper starts an ``fdatasync``, so the disk writes while the caller computes the next pieces and
+    the final fsync in ``close`` waits only for the last few pieces, not the whole file.
     """
+
+    WRITEBACK_BYTES = 128 << 20
+    """Bytes written between background flushes to the disk (0: flush only in ``close``)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.handle: BinaryIO = open(path, "wb")
         self.hash = hashlib.sha256()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="sha256")
         self._pending: Future | None = None
+        self._flushing: Future | None = None
+        self._unflushed = 0
 
     def _wait(self) -> None:
         if self._pending is not None:
@@ -68,7 +75,16 @@ class HashingFile:
     def write(self, data: bytes | memoryview) -> int:
         self._wait()
         self._pending = self._pool.submit(self.hash.update, data)
-        return self.handle.write(data)
+        written = self.handle.write(data)
+        self._unflushed += written
+        if self.WRITEBACK_BYTES and self._unflushed >= self.WRITEBACK_BYTES and (
+                self._flushing is None or self._flushing.done()):
+            if self._flushing is not None:
+                self._flushing.result()  # a failed flush raises here, as the final fsync would
+            self.handle.flush()
+            self._flushing = self._pool.submit(os.fdatasync, self.handle.fileno())
+            self._unflushed = 0
+        return written
 
     def tell(self) -> int:
         return self.handle.tell()
@@ -76,6 +92,9 @@ class HashingFile:
     def close(self) -> None:
         """Flush to the disk (an fsync, so a completed record never points at data still in flight)."""
         self._wait()
+        if self._flushing is not None:
+            self._flushing.result()
+            self._flushing = None
         self._pool.shutdown()
         if not self.handle.closed:
             self.handle.flush()
