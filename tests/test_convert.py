@@ -809,3 +809,16 @@ def test_llama_with_a_49152_token_vocabulary_never_adds_bos(tmp_path: Path) -> N
     theirs = run_reference(model, "bf16", tmp_path / "reference.gguf")
     assert metadata(gguf.GGUFReader(ours))["tokenizer.ggml.add_bos_token"][1] is False
     assert ours.read_bytes() == theirs.read_bytes()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["llama3", "qwen2"])
+def test_cuda_export_is_byte_identical_to_the_cpu_export(tmp_path: Path, kind: str) -> None:
+    """On a GPU, chunks go through page-locked buffers to the device and are permuted there, by several
+    workers at once: every method's file is still the CPU's, byte for byte (q/k rows, norms, 16-bit copies)."""
+    model_dir = fixtures.build_model(kind)
+    methods = ["q4_k_m", "q8_0", "bf16"]
+    gpu = convert.convert(model_dir, methods, tmp_path / "gpu", device="cuda", progress=False)
+    cpu = convert.convert(model_dir, methods, tmp_path / "cpu", device="cpu", progress=False)
+    for ours, theirs in zip(gpu, cpu, strict=True):
+        assert ours.path.read_bytes() == theirs.path.read_bytes(), ours.path.name

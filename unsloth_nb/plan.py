@@ -641,7 +641,8 @@ def _steps(base: ModelSize, lora: ModelSize | None, methods: list[str], sizes: d
         steps.append(Step("merge (16-bit copy)", ram, base.bytes_16bit + base.extra_bytes, merged))
     if methods:
         ram = gguf_ram(base, methods, lora if fused else None, gpu)
-        vram = 2 * layout.GPU_CHUNK_FACTOR * gguf_chunk_elements(base) * layout.WORK_BYTES if gpu else 0
+        vram = (layout.GPU_WORKERS * layout.GPU_CHUNK_FACTOR * gguf_chunk_elements(base) * layout.WORK_BYTES
+                if gpu else 0)
         tag = " (fused LoRA)" if fused else ""
         for m in methods:
             size, exact = sizes[m]

@@ -87,16 +87,19 @@ class _Safetensors:
         """Tensor name -> shape."""
         return {k: t.shape for k, t in self.entries.items()}
 
-    def rows(self, name: str, rows: slice) -> torch.Tensor:
+    def rows(self, name: str, rows: slice, into: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
         """Rows ``rows`` of tensor ``name`` (the whole tensor for 1-D ones), in its stored dtype.
 
-        Reads with ``pread`` at an absolute offset, so several threads may read from one file at once."""
+        Reads with ``pread`` at an absolute offset, so several threads may read from one file at once.
+        ``into(nbytes)`` gives the uint8 buffer to read into (a page-locked one bound for a GPU); the result
+        is a view of it."""
         entry = self.entries[name]
         dtype, shape = checkpoint.torch_dtype(entry.dtype), entry.shape or (1,)
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         first, last, _ = rows.indices(shape[0])
         # Uninitialised memory: bytearray(n) would zero every page first, holding the GIL the whole time.
-        buffer = torch.empty((last - first) * row_bytes, dtype=torch.uint8)
+        nbytes = (last - first) * row_bytes
+        buffer = torch.empty(nbytes, dtype=torch.uint8) if into is None else into(nbytes)[:nbytes]
         if self.fd is None:
             with self._opening:  # workers share one descriptor: open it once
                 if self.fd is None:
@@ -308,17 +311,34 @@ def file_layout(model_dir: str | os.PathLike[str], method: str | recipes.Method,
     return _measure(plan, model, _file_name(model, m), layout.serialize(plan.writer))
 
 
-def _load(t: SourceTensor, model: _Model, handles: dict[Path, _Safetensors], rows: slice) -> torch.Tensor:
+def _load(t: SourceTensor, model: _Model, handles: dict[Path, _Safetensors], rows: slice,
+          gpu: torch.device | None = None) -> torch.Tensor:
     """Rows of one tensor in their stored dtype (merged with the adapter if any), transformed as llama.cpp
-    expects. Encoders cast to float32 themselves, so a bf16 -> bf16 copy never makes a float32 copy."""
+    expects. Encoders cast to float32 themselves, so a bf16 -> bf16 copy never makes a float32 copy.
+
+    With ``gpu``, rows read from a safetensors file go through this thread's page-locked buffer to the GPU
+    (a copy from ordinary memory crawls at a fraction of the bus's speed) and are transformed there."""
     if t.data is not None:
         return t.data[rows]
     rows = slice(*rows.indices(t.shape[0])) if t.shape else rows  # within t.shape: a tensor may be trimmed
     if model.merged is not None:
         x = model.merged.get(t.hf_name)[rows]
+    elif gpu is not None:
+        x = handles[t.part].rows(t.hf_name, rows, into=_read_buffer).to(gpu)  # waits: the buffer is free again
     else:
         x = handles[t.part].rows(t.hf_name, rows)
     return to_gguf_layout(model.arch, t, x).contiguous()
+
+
+_reading = threading.local()
+
+
+def _read_buffer(nbytes: int) -> torch.Tensor:
+    """This thread's page-locked read buffer, grown to at least ``nbytes``."""
+    buffer = getattr(_reading, "buffer", None)
+    if buffer is None or buffer.numel() < nbytes:
+        buffer = _reading.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    return buffer
 
 
 def to_gguf_layout(arch: archs.Arch, t: SourceTensor, x: torch.Tensor) -> torch.Tensor:
@@ -478,8 +498,12 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 
 def _encode_chunk(model: _Model, plans: list[_Plan], device: str | None, handles: dict[Path, _Safetensors],
                   i: int, rows: slice) -> tuple[int, list[np.ndarray]]:
-    """Rows ``rows`` of tensor ``i`` read and encoded for every plan: (element count, one array per plan)."""
-    x = _load(model.tensors[i], model, handles, rows)  # a damaged file raises its own UserError while read
+    """Rows ``rows`` of tensor ``i`` read and encoded for every plan: (element count, one array per plan).
+    Rows that every plan quantizes on a GPU are read straight to it."""
+    where = device or quants.default_device()
+    on_gpu = where != "cpu" and all(plan.types[i] in quants.TORCH_TYPES for plan in plans)
+    # a damaged file raises its own UserError while read
+    x = _load(model.tensors[i], model, handles, rows, torch.device(where) if on_gpu else None)
     return x.numel(), [np.ascontiguousarray(quants.encode(x, plan.types[i], device, weights=plan.weights[i]))
                        for plan in plans]
 
@@ -539,7 +563,7 @@ class _Chunks:
 
     Workers start on construction, at most IN_FLIGHT chunks ahead of the consumer (iteration), so the
     caller can build the metadata meanwhile; on a GPU further ahead, while the waiting encoded bytes fit
-    GPU_LOOKAHEAD_BYTES (a queued job holds no memory until one of the two workers takes it). On the CPU
+    GPU_LOOKAHEAD_BYTES (a queued job holds no memory until a worker takes it). On the CPU
     each worker keeps torch to one thread, so the workers, not torch, share the cores. ``close`` stops the
     workers and closes the files."""
 
@@ -552,7 +576,7 @@ class _Chunks:
         on_cpu = (device or quants.default_device()) == "cpu"
         workers, self.in_flight, chunk, self.ahead = layout.WORKERS, layout.IN_FLIGHT, layout.CHUNK_ELEMENTS, 0
         if not on_cpu:
-            workers, self.in_flight = 2, layout.GPU_IN_FLIGHT
+            workers, self.in_flight = layout.GPU_WORKERS, layout.GPU_IN_FLIGHT
             chunk, self.ahead = layout.CHUNK_ELEMENTS * layout.GPU_CHUNK_FACTOR, layout.GPU_LOOKAHEAD_BYTES
         if ahead is not None:
             self.ahead = ahead

@@ -35,10 +35,15 @@ IN_FLIGHT = WORKERS + 2
 MAX_IN_FLIGHT = 6
 """IN_FLIGHT on a machine with four or more cores: what memory estimates count, whatever machine makes them."""
 GPU_CHUNK_FACTOR = 4
-"""On a GPU, chunks are this many times larger and two workers suffice: each chunk costs a fixed number of
-kernel launches and host-device copies, so fewer, larger chunks are faster; two are read at a time."""
-GPU_IN_FLIGHT = 3
-"""Chunks held at once on a GPU (two workers and the one being written)."""
+"""On a GPU, chunks are this many times larger: each chunk costs a fixed number of kernel launches and
+host-device copies, so fewer, larger chunks are faster."""
+GPU_WORKERS = 4
+"""Worker threads on a GPU: each reads a chunk into its own page-locked buffer, copies it to the GPU and
+copies the encoded bytes back, so several keep the disk, the bus and the GPU busy at once. Their host
+memory (two page-locked buffers each and the encoded chunks in flight) stays within the MAX_IN_FLIGHT
+chunks of float32 that ``peak_ram`` counts for the CPU."""
+GPU_IN_FLIGHT = GPU_WORKERS + 1
+"""Chunks held at once on a GPU (one per worker and the one being written)."""
 GPU_LOOKAHEAD_BYTES = 512 << 20
 """On a GPU, encoded chunks may wait for the writer up to this many bytes. The file's first byte can only be
 written once the metadata (mostly the vocabulary, about a second) is built; meanwhile the GPU quantizes
