@@ -107,10 +107,12 @@ def llamacpp_quantize(src: Path, dst: Path) -> float:
 def _timed_stages(undo: bool = False) -> dict[str, float]:
     """Wall seconds spent in the export's main-thread stages (metadata, serialization, data, read-back check);
     the data stage runs from the first byte written to the last."""
+    from unsloth_nb import manifest
     from unsloth_nb.gguf import convert, layout
 
     stages = {"metadata": (convert, "_add_metadata"), "serialize": (layout, "serialize"),
-              "data": (convert, "_write"), "check": (layout, "validate")}
+              "data": (convert, "_write"), "final fsync": (manifest.HashingFile, "close"),
+              "check": (layout, "validate")}
     if undo:
         for module, name in stages.values():
             setattr(module, name, getattr(module, name).__wrapped__)
@@ -130,6 +132,23 @@ def _timed_stages(undo: bool = False) -> dict[str, float]:
     for stage, (module, name) in stages.items():
         setattr(module, name, timed(stage, getattr(module, name)))
     return seconds
+
+
+def _configure(workers: int | None, writeback_mb: int | None) -> None:
+    """Set the GPU worker count and the background flush interval for the next export (None: as shipped)."""
+    from unsloth_nb import manifest
+    from unsloth_nb.gguf import layout
+
+    if workers is not None:
+        layout.GPU_WORKERS, layout.GPU_IN_FLIGHT = workers, workers + 1
+    if writeback_mb is not None:
+        manifest.HashingFile.WRITEBACK_BYTES = writeback_mb << 20
+
+
+def _describe(workers: int | None, writeback_mb: int | None) -> str:
+    parts = [f"{workers} GPU workers" if workers is not None else "",
+             f"flush every {writeback_mb} MiB" if writeback_mb else "fsync at the end" if writeback_mb == 0 else ""]
+    return ", ".join(p for p in parts if p) or "as shipped"
 
 
 def main() -> None:
@@ -152,7 +171,14 @@ def main() -> None:
     parser.add_argument("--picker", action="store_true",
                         help="before the first export, show the exact file sizes as the notebooks' quant picker does "
                              "(plan.gguf_sizes on the model), timed on its own")
+    parser.add_argument("--workers", default="",
+                        help="comma-separated GPU worker counts (layout.GPU_WORKERS) the timed exports cycle through")
+    parser.add_argument("--writeback-mb", default="",
+                        help="comma-separated manifest.HashingFile.WRITEBACK_BYTES values in MiB (0: fsync only at "
+                             "the end) the timed exports cycle through, crossed with --workers")
     args = parser.parse_args()
+    configs = [(w, mb) for w in ([int(v) for v in args.workers.split(",")] if args.workers else [None])
+               for mb in ([int(v) for v in args.writeback_mb.split(",")] if args.writeback_mb else [None])]
     model = fixtures.build_model("llama3", args.shape)
     if args.prepared:
         started = time.perf_counter()
@@ -188,18 +214,25 @@ def main() -> None:
         print(f"first export in this process (Triton start included): {first:.1f} s for {result.size / 1e9:.2f} GB; "
               "stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()), flush=True)
         _timed_stages(undo=True)
-        floors = []
-        for run in range(args.repeat):
+        floors, ratios = [], {}
+        for run in range(args.repeat * len(configs)):
+            config = configs[run % len(configs)]
+            _configure(*config)
             stages = _timed_stages()
             started = time.perf_counter()
             result = convert.convert(model, ["q4_k_m"], work / f"out{run}", device="cuda", progress=False)[0]
             export = time.perf_counter() - started
             floor = read_and_write(model, work / "io.bin", result.size)
             floors.append(floor)
-            print(f"Q4_K_M export: {export:.1f} s for {result.size / 1e9:.2f} GB; read + write floor {floor:.1f} s; "
+            ratios.setdefault(config, []).append(export / floor)
+            print(f"Q4_K_M export ({_describe(*config)}): {export:.1f} s for {result.size / 1e9:.2f} GB; "
+                  f"read + write floor {floor:.1f} s; "
                   f"ratio {export / floor:.2f} (target <= 1.5); stages: "
                   + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()), flush=True)
             _timed_stages(undo=True)
+        for config, values in ratios.items():
+            print(f"{_describe(*config)}: median ratio {np.median(values):.2f} over {len(values)} exports "
+                  f"(min {min(values):.2f}, max {max(values):.2f})", flush=True)
         if floors:  # a floor run right after an export can be much faster than the others: take the median
             floor = float(np.median(floors))
             print(f"first export against the median floor ({floor:.1f} s): ratio {first / floor:.2f}", flush=True)

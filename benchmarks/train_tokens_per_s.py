@@ -15,7 +15,7 @@ Configurations (``--configs``):
 - ``trl-liger``: the same with ``use_liger_kernel=True`` (needs liger-kernel).
 
     python benchmarks/train_tokens_per_s.py [--model DIR | --real] [--steps 60] [--warmup 10] [--batch 8]
-        [--seq-len 1024] [--repeats 3] [--configs ours,trl,trl-liger]
+        [--seq-len 1024] [--repeats 3] [--configs ours,trl,trl-liger] [--warm-round]
 
 Tokens/s counts non-padding input tokens (the Trainer's ``num_input_tokens_seen``); the spread is
 (max - min) / median over the repeats of one configuration.
@@ -192,6 +192,9 @@ def main() -> None:
     parser.add_argument("--reply-words", type=int, default=600, help="longest synthetic reply, in words")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each configuration")
     parser.add_argument("--configs", default="ours,trl", help=f"comma-separated, of {', '.join(CONFIGS)}")
+    parser.add_argument("--warm-round", action="store_true",
+                        help="first run every configuration once, warm-up plus 10 steps (printed, not counted): the "
+                             "first process of a session on an idle GPU runs slower than the rest")
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="gradient checkpointing for every side (default: unsloth_nb's choice for this GPU)")
     parser.add_argument("--child", choices=CONFIGS, default=None, help=argparse.SUPPRESS)
@@ -219,6 +222,11 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown configurations: {', '.join(sorted(unknown))}")
     runs: dict[str, list[dict]] = {c: [] for c in configs}
+    if args.warm_round:
+        warm = argparse.Namespace(**{**vars(args), "steps": args.warmup + 10})
+        for which in configs:
+            r = spawn(warm, which)
+            print(f"warm round, not counted: {which} {r['tokens'] / r['seconds']:,.0f} tokens/s", flush=True)
     for repeat in range(args.repeats):  # alternate, so that clocks and caches favour no side
         print(f"repeat {repeat + 1}/{args.repeats}", flush=True)
         for which in configs if repeat % 2 == 0 else reversed(configs):
